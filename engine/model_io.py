@@ -1,0 +1,94 @@
+"""The exported model: everything sampling and the memorization tools need, and nothing pickled.
+
+    <dir>/model.safetensors   EMA weights (safetensors: loading never runs arbitrary code)
+    <dir>/model_config.json   {"format": 1, "unet": UNetConfig, "diffusion": DiffusionConfig, ...}
+    <dir>/vocab.json          the prompt vocabulary the model was trained with
+
+`load_model` accepts that directory, a training run directory holding it under `export/`, or
+the path of the .safetensors file itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_pipeline.vocab import Vocabulary
+from engine.diffusion import DiffusionConfig, NoiseSchedule
+from engine.unet import ConditionalUNet, UNetConfig
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, VOCAB = "model.safetensors", "model_config.json", "vocab.json"
+
+
+@dataclass
+class LoadedModel:
+    model: ConditionalUNet
+    schedule: NoiseSchedule
+    vocab: Vocabulary
+    unet_config: UNetConfig
+    diffusion_config: DiffusionConfig
+    metadata: dict
+    path: Path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def export_model(out_dir: str | os.PathLike, model: ConditionalUNet, diffusion_cfg: DiffusionConfig,
+                 vocab: Vocabulary, metadata: dict | None = None) -> Path:
+    """Write weights, config and vocabulary to `out_dir` (each file atomically). Returns the dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": str(FORMAT_VERSION)})
+    os.replace(tmp, out / WEIGHTS)
+    config = {"format": FORMAT_VERSION, "unet": model.cfg.to_dict(), "diffusion": asdict(diffusion_cfg),
+              "metadata": metadata or {}}
+    _atomic_write_text(out / CONFIG, json.dumps(config, indent=2))
+    vocab_tmp = out / (VOCAB + ".tmp")
+    vocab.save(str(vocab_tmp))
+    os.replace(vocab_tmp, out / VOCAB)
+    return out
+
+
+def resolve_export_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_file() and p.name.endswith(".safetensors"):
+        return p.parent
+    for candidate in (p, p / "export"):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+    raise FileNotFoundError(f"{p}: no {WEIGHTS} here or under {p / 'export'} (is this a memdiff run or export?)")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an exported model in eval mode on `device`."""
+    d = resolve_export_dir(path)
+    for name in (CONFIG, VOCAB):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d / name}: missing (an export needs {WEIGHTS}, {CONFIG} and {VOCAB})")
+    try:
+        config = json.loads((d / CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{d / CONFIG}: not valid JSON ({exc})") from None
+    if config.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{d / CONFIG}: format {config.get('format')!r}, this memdiff reads {FORMAT_VERSION}")
+    unet_cfg = UNetConfig.from_dict(config["unet"])
+    diffusion_cfg = DiffusionConfig(**config["diffusion"])
+    vocab = Vocabulary.load(str(d / VOCAB))
+    if len(vocab) > unet_cfg.vocab_size:
+        raise ValueError(f"{d / VOCAB}: {len(vocab)} tokens but the model embeds only {unet_cfg.vocab_size}")
+    model = ConditionalUNet(unet_cfg)
+    model.load_state_dict(load_file(str(d / WEIGHTS)))
+    model.to(device).eval()
+    return LoadedModel(model, NoiseSchedule.from_config(diffusion_cfg), vocab, unet_cfg, diffusion_cfg,
+                       config.get("metadata", {}), d)

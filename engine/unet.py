@@ -1,0 +1,255 @@
+"""Pixel-space conditional U-Net (ADM / DDPM++ family) for 1-channel chest X-rays.
+
+    tokens --PromptEncoder--> context [B, L, D] --+--> cross-attention in every attention block
+                                                  +--> masked mean -> added to the time embedding
+    x_t, t --> conv_in --> down (ResBlocks [+attn], downsample) --> mid --> up (skip concat) --> conv_out
+
+The network is split into `encode(tokens)` and `denoise(x_t, t, context, mask)` so that the
+memorization and mitigation code can hold the context tensor, differentiate with respect to it
+and swap it for an optimised one. `forward(x_t, t, tokens)` is the two composed.
+One config serves a 0.5M-parameter CPU demo and a several-hundred-million-parameter GPU model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.attention import BACKENDS, attention
+from engine.prompt_encoder import PromptEncoder
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 64
+    in_channels: int = 1
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    num_heads: int = 4
+    dropout: float = 0.0
+    vocab_size: int = 128
+    max_tokens: int = 32
+    context_dim: int = 128
+    encoder_layers: int = 2
+    encoder_heads: int = 4
+    attention_backend: str = "sdpa"
+    grad_checkpointing: bool = False
+    extra: dict = field(default_factory=dict)  # reserved for forward-compatible additions
+
+    def __post_init__(self) -> None:
+        checks = {
+            "image_size": self.image_size >= 8 and self.image_size % (2 ** (len(self.channel_mult) - 1)) == 0,
+            "base_channels": self.base_channels >= 4 and self.base_channels % 2 == 0,
+            "channel_mult": len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult),
+            "num_res_blocks": self.num_res_blocks >= 1,
+            "num_heads": self.num_heads >= 1,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "vocab_size": self.vocab_size >= 2,
+            "max_tokens": self.max_tokens >= 1,
+            "context_dim": self.context_dim % max(self.encoder_heads, 1) == 0,
+            "encoder_heads": self.encoder_heads >= 1,
+            "encoder_layers": self.encoder_layers >= 0,
+            "attention_backend": self.attention_backend in BACKENDS,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"model.{key}: invalid value {getattr(self, key)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        d = dict(d)
+        for key in ("channel_mult", "attention_resolutions"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def _groups(channels: int) -> int:
+    # GroupNorm with up to 32 groups but at least 2 channels per group (tiny CPU models have 16 ch).
+    for g in (32, 16, 8, 4, 2, 1):
+        if channels % g == 0 and channels // g >= 2:
+            return g
+    return 1
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as identity: stable early training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels, then cross-attention from pixels to the prompt context."""
+
+    def __init__(self, ch: int, context_dim: int, heads: int, backend: str) -> None:
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.norm = nn.GroupNorm(_groups(ch), ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.self_out = nn.Linear(ch, ch)
+        self.cross_norm = nn.LayerNorm(ch)
+        self.cross_q = nn.Linear(ch, ch)
+        self.cross_kv = nn.Linear(context_dim, 2 * ch)
+        self.cross_out = nn.Linear(ch, ch)
+        for layer in (self.self_out, self.cross_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        a = attention(self._heads(q), self._heads(k), self._heads(v), None, self.backend)
+        seq = x.flatten(2).transpose(1, 2) + self.self_out(a.transpose(1, 2).reshape(b, h * w, c))
+        k, v = self.cross_kv(context).chunk(2, dim=-1)
+        q = self.cross_q(self.cross_norm(seq))
+        a = attention(self._heads(q), self._heads(k), self._heads(v), mask, self.backend)
+        seq = seq + self.cross_out(a.transpose(1, 2).reshape(b, h * w, c))
+        return seq.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution's ResBlock and optional AttentionBlock, called with (x, emb, context, mask)."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None) -> None:
+        super().__init__()
+        self.res, self.attn = res, attn
+
+    def forward(self, x, emb, context, mask):
+        x = self.res(x, emb)
+        return self.attn(x, context, mask) if self.attn is not None else x
+
+
+class ConditionalUNet(nn.Module):
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ch0, emb_dim = cfg.base_channels, 4 * cfg.base_channels
+        self.encoder = PromptEncoder(cfg.vocab_size, cfg.max_tokens, cfg.context_dim, cfg.encoder_layers,
+                                     cfg.encoder_heads, cfg.attention_backend)
+        self.time_mlp = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_proj = nn.Linear(cfg.context_dim, emb_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+        def level(in_ch: int, out_ch: int, res: int) -> Level:
+            attn = (AttentionBlock(out_ch, cfg.context_dim, cfg.num_heads, cfg.attention_backend)
+                    if res in cfg.attention_resolutions else None)
+            return Level(ResBlock(in_ch, out_ch, emb_dim, cfg.dropout), attn)
+
+        self.down = nn.ModuleList()
+        skips, ch, res = [ch0], ch0, cfg.image_size
+        for i, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(level(ch, ch0 * mult, res))
+                ch = ch0 * mult
+                skips.append(ch)
+            if i < len(cfg.channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([
+            Level(ResBlock(ch, ch, emb_dim, cfg.dropout),
+                  AttentionBlock(ch, cfg.context_dim, cfg.num_heads, cfg.attention_backend)),
+            Level(ResBlock(ch, ch, emb_dim, cfg.dropout), None),
+        ])
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(level(ch + skips.pop(), ch0 * mult, res))
+                ch = ch0 * mult
+            if i > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+        self.norm_out = nn.GroupNorm(_groups(ch), ch)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt tokens [B, L] -> (context [B, L, D], mask [B, L] bool)."""
+        return self.encoder(tokens)
+
+    def _run(self, block: nn.Module, *args):
+        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predict eps (or v) from x_t [B, C, H, W], integer t [B] and an encoded prompt."""
+        m = mask.unsqueeze(-1).to(context.dtype)
+        pooled = (context * m).sum(1) / m.sum(1).clamp(min=1.0)
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x_t.dtype)) + self.pooled_proj(pooled)
+        h = self.conv_in(x_t)
+        hs = [h]
+        for block in self.down:
+            h = block(h) if isinstance(block, Downsample) else self._run(block, h, emb, context, mask)
+            hs.append(h)
+        for block in self.mid:
+            h = self._run(block, h, emb, context, mask)
+        for block in self.up:
+            if isinstance(block, Upsample):
+                h = block(h)
+            else:
+                h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb, context, mask)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        context, mask = self.encode(tokens)
+        return self.denoise(x_t, t, context, mask)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
