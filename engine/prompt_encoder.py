@@ -47,7 +47,8 @@ class PromptEncoder(nn.Module):
         """tokens [B, L] int64 -> (context [B, L, D], mask [B, L] bool, True where a real token is)."""
         mask = tokens != PAD_ID
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.token_embedding(tokens) + self.position_embedding(positions)[None]
+        # expand (not broadcast) so per-sample gradient hooks (DP-SGD) see one row per sample
+        x = self.token_embedding(tokens) + self.position_embedding(positions.expand(tokens.shape[0], -1))
         for layer in self.layers:
             x = layer(x, mask)
         return self.norm(x), mask

@@ -64,12 +64,17 @@ def step_coefficients(schedule: NoiseSchedule, t: int, t_prev: int, eta: float) 
 def predict_cond_uncond(model, x: torch.Tensor, t: int, context: torch.Tensor, mask: torch.Tensor,
                         null_context: torch.Tensor, null_mask: torch.Tensor, parameterization: str,
                         sqrt_ab_t: float, sqrt_1mab_t: float) -> torch.Tensor:
-    """One batched forward on [cond; uncond], returned as epsilon predictions [2B, ...] in fp32."""
+    """One batched forward on [cond; uncond], returned as epsilon predictions [2B, ...].
+
+    bf16/fp16 outputs are promoted to fp32 (scores are computed in fp32); fp64 stays fp64 so
+    gradient checks can run in double precision. Differentiable when called under grad.
+    """
     x_in = torch.cat([x, x])
     t_in = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
-    pred = model.denoise(x_in, t_in, torch.cat([context, null_context]), torch.cat([mask, null_mask])).float()
+    pred = model.denoise(x_in, t_in, torch.cat([context, null_context]), torch.cat([mask, null_mask]))
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
     if parameterization == "v":  # eps = sqrt(1-abar) x_t + sqrt(abar) v: linear, so guidance commutes
-        pred = sqrt_1mab_t * x_in.float() + sqrt_ab_t * pred
+        pred = sqrt_1mab_t * x_in.to(pred.dtype) + sqrt_ab_t * pred
     return pred
 
 

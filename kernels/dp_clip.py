@@ -1,0 +1,399 @@
+"""DP-SGD building blocks: per-sample gradient norms without per-sample gradients, clipping, noise.
+
+Per-sample squared norms come from what backprop already has: a layer's input activations A_i and
+the gradient B_i of its output, for each sample i.
+
+  Linear  (A_i [T, P], B_i [T, Q]; T = 1 without a sequence dim)   grad W_i = B_i^T A_i
+      T == 1   ||W_i||^2 = ||a_i||^2 ||b_i||^2                    (outer product, exact, O(P + Q))
+      direct   sum over tiles of (A_i^T B_i)^2                      O(T P Q); the Triton kernel keeps each
+               [P, Q] tile in registers and reduces its squares in the epilogue: nothing [B, P, Q] is stored
+      ghost    sum((A_i A_i^T) * (B_i B_i^T))                       O(T^2 (P + Q)), memory B T^2
+      "auto" takes the cheaper of direct and ghost for the layer's shapes.
+  Conv2d  the same with A_i = unfold(x_i)^T [L, C_in k k] (im2col), B_i = grad_out_i [L, C_out]
+  bias    ||sum_t B_i[t]||^2
+  GroupNorm / LayerNorm   per-sample sums of grad * x_hat (weight) and grad (bias), x_hat recomputed
+  Embedding               sum_{s,t} [tok_s == tok_t] <B_s, B_t>  (rows hit by repeated tokens add up)
+
+`PerSampleNormHooks(model)` records the inputs/outputs of every supported layer during the forward
+pass and `clipped_backward(per_sample_loss, clip_norm)` runs (1) one backward to the layer outputs
+only (no parameter gradients formed) to get the norms, (2) the re-weighted backward of
+sum_i c_i loss_i with c_i = min(1, C / (||g_i|| + 1e-6)), leaving sum_i c_i g_i in .grad.
+`add_noise_and_scale_` then adds N(0, sigma^2 C^2) and divides by the expected batch size in one
+pass per gradient tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.backend import use_triton
+from kernels.philox import randn_like_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def _alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every kernel output buffer comes from here (tests swap in a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+METHODS = ("auto", "direct", "ghost")
+_REF_CHUNK_ELEMS = 1 << 26    # bound the reference's per-chunk [b, P, Q] / [b, T, T] temporaries
+
+
+# ----------------------------------------------------------------------------- cost model
+
+def choose_method(t: int, p: int, q: int) -> str:
+    """'direct' (tile A^T B) or 'ghost' (Gram identity), whichever needs fewer multiply-adds."""
+    return "ghost" if t * t * (p + q) < t * p * q else "direct"
+
+
+# ----------------------------------------------------------------------------- references
+
+def _chunks(bsz: int, per_sample: int) -> int:
+    return max(1, min(bsz, _REF_CHUNK_ELEMS // max(per_sample, 1)))
+
+
+def direct_sq_norms_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum((A_i^T B_i)^2) per sample, a [B, T, P], b [B, T, Q] (forms the per-sample products, chunked)."""
+    out = []
+    step = _chunks(a.shape[0], a.shape[2] * b.shape[2])
+    for s in range(0, a.shape[0], step):
+        out.append(torch.bmm(a[s:s + step].transpose(1, 2), b[s:s + step]).square().sum(dim=(1, 2)))
+    return torch.cat(out)
+
+
+def ghost_sq_norms_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum((A_i A_i^T) * (B_i B_i^T)) per sample: the ghost-norm identity, a [B, T, P], b [B, T, Q]."""
+    out = []
+    step = _chunks(a.shape[0], a.shape[1] * a.shape[1])
+    for s in range(0, a.shape[0], step):
+        aa = torch.bmm(a[s:s + step], a[s:s + step].transpose(1, 2))
+        bb = torch.bmm(b[s:s + step], b[s:s + step].transpose(1, 2))
+        out.append((aa * bb).sum(dim=(1, 2)))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- triton
+
+if triton is not None:
+    @triton.jit
+    def _direct_sq_norm_kernel(a_ptr, b_ptr, partial_ptr, T, P, Q,
+                               sa_b, sa_t, sa_p, sb_b, sb_t, sb_q, n_tiles_q,
+                               IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+                               BLOCK_Q: tl.constexpr):
+        """One [BLOCK_P, BLOCK_Q] tile of A_i^T B_i, accumulated over T, squared and summed."""
+        i = tl.program_id(0)
+        pid_p = tl.program_id(1)
+        pid_q = tl.program_id(2)
+        rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        rt = tl.arange(0, BLOCK_T)
+        a_base = a_ptr + i.to(tl.int64) * sa_b
+        b_base = b_ptr + i.to(tl.int64) * sb_b
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + rt
+            a = tl.load(a_base + rp[:, None] * sa_p + t[None, :] * sa_t,
+                        mask=(rp[:, None] < P) & (t[None, :] < T), other=0.0)          # [BP, BT]
+            b = tl.load(b_base + t[:, None] * sb_t + rq[None, :] * sb_q,
+                        mask=(t[:, None] < T) & (rq[None, :] < Q), other=0.0)          # [BT, BQ]
+            # bf16/fp16 tiles go through tf32 tensor cores (fp32 accumulate); fp32 inputs stay exact (ieee)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+        sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
+        tl.store(partial_ptr + i * (tl.num_programs(1) * n_tiles_q) + pid_p * n_tiles_q + pid_q, sq)
+
+
+def direct_sq_norms_triton(a: torch.Tensor, b: torch.Tensor, block_t: int = 32, block_p: int = 64,
+                           block_q: int = 64) -> torch.Tensor:
+    """Same as direct_sq_norms_reference; any strides (so unfold()^T views need no copy)."""
+    if triton is None:
+        raise RuntimeError("direct_sq_norms_triton: triton is not installed")
+    if a.dtype != b.dtype:
+        b = b.to(a.dtype)
+    bsz, t, p = a.shape
+    q = b.shape[2]
+    n_p, n_q = triton.cdiv(p, block_p), triton.cdiv(q, block_q)
+    partial = _alloc((bsz, n_p * n_q), torch.float32, a.device)
+    _direct_sq_norm_kernel[(bsz, n_p, n_q)](
+        a, b, partial, t, p, q, a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+        n_q, IEEE=a.dtype == torch.float32, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_Q=block_q)
+    return partial.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------- per-layer rules
+
+def linear_weight_sq_norms(a: torch.Tensor, b: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Per-sample ||dL_i/dW||_F^2 for y = x W^T, a = x [B, *, P], b = dL/dy [B, *, Q] -> [B] (fp32/fp64)."""
+    if method not in METHODS:
+        raise ValueError(f"linear_weight_sq_norms: method {method!r} not in {METHODS}")
+    bsz = a.shape[0]
+    cdt = torch.promote_types(a.dtype, torch.float32)
+    a = a.reshape(bsz, -1, a.shape[-1])
+    b = b.reshape(bsz, -1, b.shape[-1])
+    t, p, q = a.shape[1], a.shape[2], b.shape[2]
+    if t == 1:
+        return a.to(cdt).square().sum(dim=(1, 2)) * b.to(cdt).square().sum(dim=(1, 2))
+    if method == "auto":
+        method = choose_method(t, p, q)
+    if method == "direct":
+        if triton is not None and a.dtype != torch.float64 and use_triton(a, b):
+            return direct_sq_norms_triton(a, b)
+        return direct_sq_norms_reference(a.to(cdt), b.to(cdt))
+    return ghost_sq_norms_reference(a.to(cdt), b.to(cdt))
+
+
+def conv2d_weight_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d, method: str = "auto") -> torch.Tensor:
+    """Per-sample ||dL_i/dW||^2 of a groups=1 Conv2d from its input x and output gradient (im2col)."""
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    g = grad_out.flatten(2)                                      # [B, C_out, L]
+    return linear_weight_sq_norms(cols.transpose(1, 2), g.transpose(1, 2), method)
+
+
+def bias_sq_norms(grad_out: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Per-sample ||dL_i/db||^2: the output gradient summed over everything but batch and channel."""
+    g = grad_out.movedim(channel_dim, -1)
+    g = g.reshape(g.shape[0], -1, g.shape[-1]).sum(dim=1)
+    return g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(dim=1)
+
+
+def norm_layer_sq_norms(x_hat: torch.Tensor, grad_out: torch.Tensor, channel_dims: int, has_weight: bool,
+                        has_bias: bool, channels_last: bool) -> torch.Tensor:
+    """GroupNorm (channels at dim 1) / LayerNorm (normalized dims last) affine parameters."""
+    cdt = torch.promote_types(grad_out.dtype, torch.float32)
+    bsz = grad_out.shape[0]
+    if channels_last:
+        shape = (bsz, -1, math.prod(grad_out.shape[grad_out.dim() - channel_dims:]))
+        reduce_dim = 1
+    else:
+        shape = (bsz, grad_out.shape[1], -1)
+        reduce_dim = 2
+    g = grad_out.to(cdt).reshape(shape)
+    total = torch.zeros(bsz, dtype=cdt, device=grad_out.device)
+    if has_weight:
+        total = total + (g * x_hat.to(cdt).reshape(shape)).sum(dim=reduce_dim).square().sum(dim=1)
+    if has_bias:
+        total = total + g.sum(dim=reduce_dim).square().sum(dim=1)
+    return total
+
+
+def embedding_sq_norms(idx: torch.Tensor, grad_out: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    """Per-sample ||dL_i/dE||^2: sum_{s,t} [tok_s == tok_t] <g_s, g_t> (padding rows get no gradient)."""
+    bsz = idx.shape[0]
+    cdt = torch.promote_types(grad_out.dtype, torch.float32)
+    idx = idx.reshape(bsz, -1)
+    g = grad_out.reshape(bsz, idx.shape[1], -1).to(cdt)
+    same = idx[:, :, None] == idx[:, None, :]
+    if padding_idx is not None:
+        keep = idx != padding_idx
+        same = same & keep[:, :, None] & keep[:, None, :]
+    return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2))
+
+
+# ----------------------------------------------------------------------------- model hooks
+
+_SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+
+
+class PerSampleNormHooks:
+    """Per-sample gradient norms of a model's trainable parameters, for DP-SGD.
+
+    Usage, once per step (the model must see each sample independently: no BatchNorm):
+        hooks = PerSampleNormHooks(model)                # once; raises for unsupported layers
+        loss = per_sample_loss(model(...))               # [B], one forward pass
+        norms = hooks.clipped_backward(loss, clip_norm)  # .grad = sum_i min(1, C/(|g_i|+1e-6)) g_i
+        add_noise_and_scale_(grads, noise_multiplier, clip_norm, expected_batch_size, seed)
+
+    Every layer owning trainable parameters must be Linear, Conv2d (groups=1, numeric padding,
+    zeros padding mode), GroupNorm, LayerNorm or Embedding, must be called once per forward and
+    with the batch as dim 0 of its input (a position Embedding called on [L] indices must be fed
+    `positions.expand(B, L)` instead).
+    """
+
+    def __init__(self, model: nn.Module, method: str = "auto") -> None:
+        if method not in METHODS:
+            raise ValueError(f"PerSampleNormHooks: method {method!r} not in {METHODS}")
+        self.method = method
+        self.model = model
+        self._records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+        self._in_backward = False
+        self._handles = []
+        self.params: list[nn.Parameter] = []
+        for name, module in model.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            label = name or type(module).__name__
+            if not isinstance(module, _SUPPORTED):
+                raise ValueError(f"PerSampleNormHooks: layer '{label}' ({type(module).__name__}) has trainable "
+                                 f"parameters {[n for n, _ in own]} but no per-sample norm rule "
+                                 f"(supported: {', '.join(t.__name__ for t in _SUPPORTED)})")
+            extra = [n for n, _ in own if n not in ("weight", "bias")]
+            if extra:
+                raise ValueError(f"PerSampleNormHooks: layer '{label}' has extra parameters {extra}")
+            if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)
+                                                  or module.padding_mode != "zeros"):
+                raise ValueError(f"PerSampleNormHooks: conv '{label}' needs groups=1, numeric padding and "
+                                 f"padding_mode='zeros' (got groups={module.groups}, padding={module.padding!r}, "
+                                 f"padding_mode={module.padding_mode!r})")
+            if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+                raise ValueError(f"PerSampleNormHooks: embedding '{label}' with max_norm/sparse is not supported")
+            self.params.extend(p for _, p in own)
+            self._handles.append(module.register_forward_hook(self._make_hook(label)))
+
+    def _make_hook(self, label: str):
+        def hook(module, inputs, output):
+            # skip no-grad forwards and checkpoint recomputation inside our backward passes
+            if self._in_backward or not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            self._records.append((label, module, inputs[0].detach(), output))
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._records.clear()
+
+    def discard(self) -> None:
+        """Forget what the last forward recorded (e.g. after a forward that is not trained on)."""
+        self._records.clear()
+
+    def _layer_sq_norms(self, label, module, x, g) -> torch.Tensor:
+        w = module.weight if module.weight is not None and module.weight.requires_grad else None
+        bias = getattr(module, "bias", None)
+        bias = bias if bias is not None and bias.requires_grad else None
+        if isinstance(module, nn.Linear):
+            total = linear_weight_sq_norms(x, g, self.method) if w is not None else 0.0
+            return total + (bias_sq_norms(g, -1) if bias is not None else 0.0)
+        if isinstance(module, nn.Conv2d):
+            total = conv2d_weight_sq_norms(x, g, module, self.method) if w is not None else 0.0
+            return total + (bias_sq_norms(g, 1) if bias is not None else 0.0)
+        if isinstance(module, nn.GroupNorm):
+            x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
+            return norm_layer_sq_norms(x_hat, g, 1, w is not None, bias is not None, channels_last=False)
+        if isinstance(module, nn.LayerNorm):
+            dims = len(module.normalized_shape)
+            x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+            return norm_layer_sq_norms(x_hat, g, dims, w is not None, bias is not None, channels_last=True)
+        if isinstance(module, nn.Embedding):
+            return embedding_sq_norms(x, g, module.padding_idx)
+        raise AssertionError(type(module))
+
+    def sq_norms(self, per_sample_loss: torch.Tensor, retain_graph: bool = True) -> torch.Tensor:
+        """Per-sample ||grad of loss_i wrt all trainable parameters||^2 [B] from the recorded forward."""
+        records, self._records = self._records, []
+        if not records:
+            raise RuntimeError("PerSampleNormHooks: no layer was recorded; run the forward pass with grad enabled")
+        bsz = per_sample_loss.shape[0]
+        seen = set()
+        for label, module, x, _ in records:
+            if id(module) in seen:
+                raise ValueError(f"PerSampleNormHooks: layer '{label}' ran more than once in one forward; its "
+                                 f"per-sample gradient is a sum over calls and has no per-call norm rule")
+            seen.add(id(module))
+            if isinstance(module, (nn.Linear, nn.Embedding)) and x.dim() < 2:
+                raise ValueError(f"PerSampleNormHooks: layer '{label}' called on input {tuple(x.shape)} without a "
+                                 f"batch dim; call it on inputs with the batch first (e.g. positions.expand(B, L))")
+            if x.shape[0] != bsz:
+                raise ValueError(f"PerSampleNormHooks: layer '{label}' saw batch dim {x.shape[0]} != {bsz} samples "
+                                 f"(input shape {tuple(x.shape)})")
+        self._in_backward = True
+        try:
+            grads = torch.autograd.grad(per_sample_loss.sum(), [r[3] for r in records],
+                                        retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self._in_backward = False
+        cdt = torch.promote_types(per_sample_loss.dtype, torch.float32)
+        total = torch.zeros(bsz, dtype=cdt, device=per_sample_loss.device)
+        with torch.no_grad():
+            for (label, module, x, _), g in zip(records, grads):
+                if g is not None:
+                    total += self._layer_sq_norms(label, module, x, g).to(cdt)
+        return total
+
+    def clipped_backward(self, per_sample_loss: torch.Tensor, clip_norm: float) -> torch.Tensor:
+        """Norm pass + re-weighted backward; .grad of every trainable parameter receives
+        sum_i c_i dloss_i/dparam. Returns the unclipped per-sample norms [B]."""
+        norms = self.sq_norms(per_sample_loss, retain_graph=True).sqrt()
+        factors = clip_factors(norms, clip_norm)
+        self._in_backward = True
+        try:
+            (per_sample_loss * factors.to(per_sample_loss.dtype)).sum().backward()
+        finally:
+            self._in_backward = False
+        return norms
+
+
+# ----------------------------------------------------------------------------- clip + noise
+
+def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """min(1, C / (||g_i|| + 1e-6)) per sample (detached)."""
+    return (clip_norm / (norms.detach() + 1e-6)).clamp(max=1.0)
+
+
+if triton is not None:
+    @triton.jit
+    def _noise_scale_kernel(g_ptr, n, base_offset, seed, std, scale, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        z = tl.randn(seed, base_offset + i)
+        tl.store(g_ptr + i, ((g + std * z) * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _noise_offsets(grads: list[torch.Tensor]) -> list[int]:
+    offs, acc = [], 0
+    for g in grads:
+        offs.append(acc)
+        acc += g.numel()
+    return offs
+
+
+def add_noise_and_scale_(grads: Iterable[torch.Tensor], noise_multiplier: float, clip_norm: float,
+                         expected_batch_size: float, seed: int) -> None:
+    """In place: g <- (g + N(0, (noise_multiplier * clip_norm)^2)) / expected_batch_size, for every tensor.
+
+    Noise for the k-th element of the concatenation of all (contiguous) grads is Philox(seed, k), the
+    same numbers on the Triton path (one read+write pass per tensor) and the torch reference.
+    Philox is not a cryptographic RNG: draw `seed` from `secrets.randbits(63)` each step for DP use.
+    """
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"add_noise_and_scale_: seed must be in [0, 2^63), got {seed}")
+    if expected_batch_size <= 0:
+        raise ValueError(f"add_noise_and_scale_: expected_batch_size must be > 0, got {expected_batch_size}")
+    for g in grads:
+        if not g.is_contiguous():
+            raise ValueError("add_noise_and_scale_: gradients must be contiguous")
+    std, scale = float(noise_multiplier) * float(clip_norm), 1.0 / float(expected_batch_size)
+    offsets = _noise_offsets(grads)
+    if triton is not None and all(g.dtype != torch.float64 for g in grads) and use_triton(*grads):
+        block = 1024
+        for g, off in zip(grads, offsets):
+            _noise_scale_kernel[(triton.cdiv(g.numel(), block),)](g, g.numel(), off, int(seed), std, scale, BLOCK=block)
+        return
+    add_noise_and_scale_reference_(grads, noise_multiplier, clip_norm, expected_batch_size, seed)
+
+
+def add_noise_and_scale_reference_(grads: list[torch.Tensor], noise_multiplier: float, clip_norm: float,
+                                   expected_batch_size: float, seed: int) -> None:
+    std, scale = float(noise_multiplier) * float(clip_norm), 1.0 / float(expected_batch_size)
+    noise = [randn_like_triton(seed, torch.arange(g.numel(), device=g.device) + off).reshape(g.shape).to(g.dtype)
+             for g, off in zip(grads, _noise_offsets(grads))]
+    torch._foreach_add_(grads, noise, alpha=std)
+    torch._foreach_mul_(grads, scale)

@@ -1,0 +1,261 @@
+"""Per-sample gradient norms, clipping and noise (kernels/dp_clip.py) against torch.func per-sample
+gradients (vmap of grad) in float64, on the engine's real U-Net blocks and on plain layer stacks."""
+import importlib
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+MODULES = ("kernels.philox", "kernels.dp_clip")
+
+
+@pytest.fixture(scope="module")
+def dp():
+    # tests/conftest.py turns the interpreter on (before triton is first imported) when there is no GPU
+    from triton import knobs
+    if not knobs.runtime.interpret:
+        pytest.skip("Triton kernel tests run on CPU tensors under TRITON_INTERPRET=1 (set before triton's import)")
+    return importlib.import_module(MODULES[-1])
+
+
+@pytest.fixture
+def poisoned(dp, monkeypatch):
+    monkeypatch.setattr(dp, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def _fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def per_sample_grads(model, loss_fn, inputs):
+    """torch.func: {name: [B, *param.shape]} gradients of loss_fn(model(*one sample)) per sample."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+
+    def one(p, *xs):
+        out = functional_call(model, {**p, **buffers}, tuple(x.unsqueeze(0) for x in xs))
+        return loss_fn(out).sum()
+
+    return vmap(grad(one), in_dims=(None,) + (0,) * len(inputs))(params, *inputs)
+
+
+def sq_norms_of(grads):
+    return torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0)
+
+
+def mse(out):
+    return out.square().flatten(1).mean(1)
+
+
+class Stack(nn.Module):
+    """Conv (stride/dilation/padding), GroupNorm, Linear on a token dim, LayerNorm, Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.c2 = nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2)
+        self.c3 = nn.Conv2d(6, 6, 1, bias=False)
+        self.ln = nn.LayerNorm(6)
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x, tok):
+        h = self.c3(torch.nn.functional.silu(self.c2(self.gn(self.c1(x)))))
+        seq = h.flatten(2).transpose(1, 2) + self.emb(tok).mean(1, keepdim=True)
+        return self.lin(self.ln(seq))
+
+
+@pytest.mark.parametrize("method", ["direct", "ghost", "auto"])
+def test_layer_stack_matches_torch_func_float64(dp, method):
+    gen = torch.Generator().manual_seed(_fresh_seed())
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = Stack().double()
+    x = torch.randn(4, 2, 7, 9, dtype=torch.float64, generator=gen)
+    tok = torch.randint(0, 11, (4, 5), generator=gen)
+    tok[:, 1] = tok[:, 0]                                  # repeated tokens share an embedding row
+    want = sq_norms_of(per_sample_grads(model, mse, (x, tok)))
+    hooks = dp.PerSampleNormHooks(model, method)
+    got = hooks.sq_norms(mse(model(x, tok)))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+def _engine_blocks():
+    unet = pytest.importorskip("engine.unet")
+    penc = pytest.importorskip("engine.prompt_encoder")
+    return unet, penc
+
+
+class _ResBlockCase(nn.Module):
+    def __init__(self, unet, cin, cout):
+        super().__init__()
+        self.block = unet.ResBlock(cin, cout, 16, 0.0)
+        for p in self.block.parameters():                 # undo the zero init so every layer has gradient
+            nn.init.normal_(p, std=0.3)
+
+    def forward(self, x, emb):
+        return self.block(x, emb)
+
+
+class _AttnCase(nn.Module):
+    def __init__(self, unet, ch):
+        super().__init__()
+        self.block = unet.AttentionBlock(ch, 12, 2, "sdpa")
+        for p in self.block.parameters():
+            nn.init.normal_(p, std=0.3)
+
+    def forward(self, x, context):
+        mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        return self.block(x, context, mask)
+
+
+class _EncoderCase(nn.Module):
+    def __init__(self, penc):
+        super().__init__()
+        self.tok = nn.Embedding(20, 12)
+        self.layer = penc.EncoderLayer(12, 2, "sdpa")
+
+    def forward(self, tokens):
+        return self.layer(self.tok(tokens), tokens != 0)
+
+
+@pytest.mark.parametrize("case", ["res_8_16_8px", "res_8_8_6px", "attn_8_4px", "attn_16_3px", "encoder"])
+def test_engine_blocks_match_torch_func_float64(dp, case):
+    unet, penc = _engine_blocks()
+    seed = _fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if case.startswith("res"):
+        _, cin, cout, px = case.split("_")
+        model = _ResBlockCase(unet, int(cin), int(cout)).double()
+        inputs = (torch.randn(3, int(cin), int(px[:-2]), int(px[:-2]), generator=gen, dtype=torch.float64),
+                  torch.randn(3, 16, generator=gen, dtype=torch.float64))
+    elif case.startswith("attn"):
+        _, ch, px = case.split("_")
+        model = _AttnCase(unet, int(ch)).double()
+        inputs = (torch.randn(3, int(ch), int(px[:-2]), int(px[:-2]), generator=gen, dtype=torch.float64),
+                  torch.randn(3, 5, 12, generator=gen, dtype=torch.float64))
+    else:
+        model = _EncoderCase(penc).double()
+        inputs = (torch.randint(1, 20, (3, 6), generator=gen),)
+    want = sq_norms_of(per_sample_grads(model, mse, inputs))
+    got = dp.PerSampleNormHooks(model).sq_norms(mse(model(*inputs)))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0, msg=f"{case} seed {seed}")
+
+
+def test_clipped_backward_gives_sum_of_clipped_per_sample_grads(dp):
+    unet, _ = _engine_blocks()
+    torch.manual_seed(_fresh_seed())
+    model = _ResBlockCase(unet, 4, 8).double()
+    x, e = torch.randn(5, 4, 6, 6, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    per = per_sample_grads(model, mse, (x, e))
+    norms = sq_norms_of(per).sqrt()
+    clip = norms.median().item()                          # some samples clipped, some not
+    factors = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    hooks = dp.PerSampleNormHooks(model)
+    got_norms = hooks.clipped_backward(mse(model(x, e)), clip)
+    torch.testing.assert_close(got_norms, norms, rtol=1e-10, atol=0)
+    for name, p in model.named_parameters():
+        want = (per[name] * factors.reshape(-1, *[1] * p.dim())).sum(0)
+        torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(3, 40, 20, 24), (2, 17, 70, 5)])   # (B, T, P, Q), ragged tiles
+def test_direct_triton_kernel_matches_reference(dp, poisoned, dtype, tol, shape):
+    gen = torch.Generator().manual_seed(_fresh_seed())
+    b, t, p, q = shape
+    a = torch.randn(b, p, t, generator=gen).to(dtype).transpose(1, 2)    # strided view, as unfold()^T
+    g = torch.randn(b, t, q, generator=gen).to(dtype)
+    want = dp.direct_sq_norms_reference(a.double(), g.double())
+    got = dp.direct_sq_norms_triton(a, g, block_t=16, block_p=16, block_q=16)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=0)
+    torch.testing.assert_close(dp.ghost_sq_norms_reference(a.double(), g.double()), want, rtol=1e-10, atol=0)
+
+
+def test_hooks_use_triton_kernel_for_conv(dp, monkeypatch):
+    unet, _ = _engine_blocks()
+    torch.manual_seed(_fresh_seed())
+    model = _ResBlockCase(unet, 4, 8)
+    x, e = torch.randn(2, 4, 6, 6), torch.randn(2, 16)
+    want = sq_norms_of(per_sample_grads(model.double(), mse, (x.double(), e.double())))
+    model.float()
+    calls = []
+    real = dp.direct_sq_norms_triton
+    monkeypatch.setattr(dp, "direct_sq_norms_triton", lambda a, g: calls.append(a.shape) or real(a, g, 16, 16, 16))
+    monkeypatch.setenv("MEMDIFF_KERNELS", "triton")
+    got = dp.PerSampleNormHooks(model, "direct").sq_norms(mse(model(x, e)))
+    assert len(calls) == 3                                  # conv1, conv2, skip conv
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+
+
+def test_noise_step_triton_equals_reference_and_has_right_scale(dp, monkeypatch):
+    seed = _fresh_seed()
+    grads = [torch.randn(37, 3), torch.randn(1000), torch.randn(5, 2, 3, 3)]
+    a = [g.clone() for g in grads]
+    b = [g.clone() for g in grads]
+    dp.add_noise_and_scale_reference_(a, 1.3, 0.7, 8.0, seed)
+    monkeypatch.setenv("MEMDIFF_KERNELS", "triton")
+    dp.add_noise_and_scale_(b, 1.3, 0.7, 8.0, seed)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    noise = torch.cat([(x * 8.0 - g).flatten() for x, g in zip(a, grads)])      # N(0, (1.3*0.7)^2)
+    n = noise.numel()
+    assert abs(noise.mean().item()) < 5 * 0.91 / n ** 0.5
+    assert abs(noise.std().item() / 0.91 - 1) < 5 / (2 * n) ** 0.5
+    c = [g.clone() for g in grads]
+    dp.add_noise_and_scale_reference_(c, 1.3, 0.7, 8.0, seed + 1)
+    other = torch.cat([(x * 8.0 - g).flatten() for x, g in zip(c, grads)])
+    assert abs(torch.corrcoef(torch.stack([noise, other]))[0, 1].item()) < 5 / n ** 0.5
+
+
+def test_clip_factors(dp):
+    norms = torch.tensor([0.0, 0.5, 1.0, 4.0])
+    torch.testing.assert_close(dp.clip_factors(norms, 1.0), torch.tensor([1.0, 1.0, 1 / (1 + 1e-6), 1 / (4 + 1e-6)]))
+
+
+def test_unsupported_and_misused_layers_raise(dp):
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\)"):
+        dp.PerSampleNormHooks(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match="groups=1"):
+        dp.PerSampleNormHooks(nn.Conv2d(4, 4, 3, groups=2))
+    shared = nn.Linear(3, 3)
+    hooks = dp.PerSampleNormHooks(shared)
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="more than once"):
+        hooks.sq_norms(mse(shared(shared(x))))
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(4, 3)
+
+        def forward(self, x):
+            return x + self.pos(torch.arange(4))[None]
+
+    m = Positions()
+    with pytest.raises(ValueError, match="without a batch dim"):
+        dp.PerSampleNormHooks(m).sq_norms(mse(m(torch.randn(2, 4, 3))))
+
+
+def test_whole_tiny_unet_matches_torch_func_float64(dp):
+    unet, _ = _engine_blocks()
+    seed = _fresh_seed()
+    torch.manual_seed(seed)
+    cfg = unet.UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(4,), num_heads=2, vocab_size=16, max_tokens=5,
+                          context_dim=8, encoder_layers=1, encoder_heads=2)
+    model = unet.ConditionalUNet(cfg).double()
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.2)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 1000, (3,), generator=gen)
+    tokens = torch.randint(2, 16, (3, 5), generator=gen)
+    tokens[:, 3:] = 0
+    want = sq_norms_of(per_sample_grads(model, mse, (x, t, tokens)))
+    got = dp.PerSampleNormHooks(model).sq_norms(mse(model(x, t, tokens)))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0, msg=f"seed {seed}")
