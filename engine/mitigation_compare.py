@@ -1,0 +1,324 @@
+"""The before/after audit: the same prompts and seeds through each model (or mitigation), same numbers.
+
+One audit of a set of generations gives:
+- detection: Wen's score per prompt, ROC of planted prompts against matched controls (and ordinary
+  prompts), and the fraction of planted prompts flagged at a threshold (given, or calibrated at a
+  target FPR on the run's own non-planted prompts);
+- copying: every generation's highest similarity to any training image (Dar's copy-detection
+  correlation when a detector is given, pixel Pearson correlation otherwise), the Dar copy rate at
+  the detector's threshold (pixel space: the same 95th-percentile rule computed here), and for
+  planted prompts the share of generations whose nearest training image is the planted image;
+- quality: Fréchet distance between generated and held-out real images in each feature space
+  available offline (copy-detection embedding, CLIP if given, and 8x8 pixels always), next to the
+  same distance between real training and held-out images (the floor a perfect model would reach).
+
+Generations come from engine.scan.scan_prompts (resumable; images saved as PNGs and read back) or
+from any other generator that yields a `Generations` (e.g. the optimised-embedding sampler).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.copy_detection import CopyDetector, copy_statistics, dar_threshold
+from engine.frechet import frechet_distance_features
+from engine.memorization import DetectorSettings, mean_score
+from engine.nearest_neighbors import topk_neighbors
+from engine.roc import calibrate_threshold, roc_metrics
+from engine.scan import PromptList, prompt_groups, scan_prompts
+from engine.similarity import pearson_normalize
+
+PIXEL_FEATURE_SIZE = 8
+
+
+@dataclass
+class Generations:
+    prompts: list[str]
+    groups: list[str]              # planted / control / ordinary per prompt
+    seeds: list[int]
+    norms_rms: np.ndarray          # [P, G, S]
+    images: np.ndarray             # uint8 [P, G, S, S]
+
+
+@dataclass
+class RealImages:
+    train: np.ndarray              # uint8 [N, S, S]
+    train_paths: list[str]         # image path of each training image (planted copies share one)
+    heldout: np.ndarray            # uint8 [M, S, S] validation/test images, never trained on
+
+
+def _read_png(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def scan_generations(loaded, prompt_list: PromptList, settings: DetectorSettings, out_dir: str, *,
+                     manifest: dict | None, groups: list[str] | None = None, batch_prompts: int = 16,
+                     progress: bool = True, description: str = "scan") -> Generations:
+    """Scan (resumably) into out_dir/scores.parquet with images under out_dir/images, read both back."""
+    os.makedirs(out_dir, exist_ok=True)
+    groups = groups or prompt_groups(prompt_list.prompts, manifest) or ["ordinary"] * len(prompt_list.prompts)
+    image_dir = os.path.join(out_dir, "images")
+    res = scan_prompts(loaded, prompt_list, os.path.join(out_dir, "scores.parquet"), settings,
+                       batch_prompts=batch_prompts, save_images=image_dir, groups=groups, progress=progress,
+                       description=description)
+    rows = res.table.to_pylist()
+    g = settings.generations
+    images = np.stack([np.stack([_read_png(os.path.join(image_dir, f"{r['prompt_index']:06d}_g{j}.png"))
+                                 for j in range(g)]) for r in rows])
+    return Generations([r["prompt"] for r in rows], [groups[r["prompt_index"]] for r in rows],
+                       [int(r["seed"]) for r in rows], np.array([r["norms_rms"] for r in rows], np.float32), images)
+
+
+# ---- features -------------------------------------------------------------------------------------
+
+def pixel_features(images_u8: np.ndarray, size: int = PIXEL_FEATURE_SIZE) -> np.ndarray:
+    """Area-downsampled pixels in [-1, 1] as a small offline feature vector [N, size*size]."""
+    x = torch.from_numpy(np.asarray(images_u8)).float().unsqueeze(1) / 127.5 - 1.0
+    return torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(1).numpy().astype(np.float64)
+
+
+def feature_spaces(copy_detector: CopyDetector | None, clip) -> dict:
+    """name -> embed(uint8 [N, S, S]) -> [N, D]; 8x8 pixels always, the learned spaces when given."""
+    spaces = {f"pixels_{PIXEL_FEATURE_SIZE}x{PIXEL_FEATURE_SIZE}": pixel_features}
+    if copy_detector is not None:
+        spaces["copy_detector"] = copy_detector.embed
+    if clip is not None:
+        spaces["clip"] = clip.embed
+    return spaces
+
+
+# ---- one audit --------------------------------------------------------------------------------------
+
+def _summary(values: np.ndarray) -> dict:
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return {"n": 0}
+    q = np.percentile(v, [5, 25, 50, 75, 95])
+    return {"n": int(v.size), "mean": float(v.mean()), "p05": q[0], "p25": q[1], "median": q[2], "p75": q[3],
+            "p95": q[4], "values": v.tolist()}
+
+
+def audit_generations(gen: Generations, real: RealImages | None, *, manifest: dict | None = None,
+                      copy_detector: CopyDetector | None = None, clip=None, threshold: float | None = None,
+                      target_fpr: float = 0.01, train_cache: dict | None = None) -> dict:
+    """All numbers of one audit (JSON-able). `train_cache` (a dict) keeps training embeddings between calls."""
+    cache = train_cache if train_cache is not None else {}
+    p, g = gen.images.shape[:2]
+    if real is not None and gen.images.shape[2:] != real.train.shape[1:]:
+        raise ValueError(f"audit: generations are {gen.images.shape[2:]} px but training images {real.train.shape[1:]}")
+    groups = np.array(gen.groups)
+    score = mean_score(torch.from_numpy(gen.norms_rms)).numpy().astype(np.float64)
+    first = mean_score(torch.from_numpy(gen.norms_rms), (0, 1)).numpy().astype(np.float64)
+    out: dict = {"n_prompts": p, "generations": g, "groups": {k: int((groups == k).sum()) for k in set(gen.groups)}}
+
+    # detection
+    negatives = groups != "planted"
+    if threshold is None and negatives.any():
+        threshold_used, how = calibrate_threshold(score[negatives], target_fpr), f"calibrated at FPR {target_fpr}"
+    else:
+        threshold_used, how = threshold, "given"
+    flagged = score > threshold_used if threshold_used is not None else np.zeros(p, bool)
+    det = {"threshold": threshold_used, "threshold_from": how, "score_mean": float(score.mean()),
+           "flagged_fraction": float(flagged.mean())}
+    for name in ("planted", "control", "ordinary"):
+        m = groups == name
+        if m.any():
+            det[f"{name}_score_mean"] = float(score[m].mean())
+            det[f"{name}_flagged_fraction"] = float(flagged[m].mean())
+    for s_name, s in (("score", score), ("first_step_score", first)):
+        for neg in ("control", "ordinary"):
+            if (groups == "planted").any() and (groups == neg).any():
+                det[f"auc/{s_name}/planted_vs_{neg}"] = roc_metrics(s[groups == "planted"], s[groups == neg]).to_dict()
+    out["detection"] = det
+    out["per_prompt"] = [{"prompt": gen.prompts[i], "group": gen.groups[i], "seed": gen.seeds[i],
+                          "score": float(score[i]), "first_step_score": float(first[i]), "flagged": bool(flagged[i])}
+                         for i in range(p)]
+
+    out["copying"], out["quality"], out["nearest_train_index"] = {"space": None, "nearest_similarity": {}}, {}, None
+    if real is None:   # no training images known (a bare export): detection numbers only
+        return out
+    # copying: nearest training image of every generation in the primary space
+    flat = gen.images.reshape(p * g, *gen.images.shape[2:])
+    if copy_detector is not None:
+        space = "copy_detector"
+        if "dar_train" not in cache:
+            cache["dar_train"] = copy_detector.embed(real.train)
+        train_emb, gen_emb = cache["dar_train"], copy_detector.embed(flat)
+        copy_threshold = copy_detector.threshold
+    else:
+        space = "pixel_correlation"
+        to_vec = lambda a: a.reshape(len(a), -1).astype(np.float32) / 127.5 - 1.0  # noqa: E731
+        train_emb, gen_emb = to_vec(real.train), to_vec(flat)
+        if "pixel_threshold" not in cache:
+            cache["pixel_threshold"] = dar_threshold(train_emb, to_vec(real.heldout)) if len(real.heldout) else None
+        copy_threshold = cache["pixel_threshold"]
+    best_v, best_i = topk_neighbors(pearson_normalize(torch.from_numpy(gen_emb)),
+                                    pearson_normalize(torch.from_numpy(train_emb)), k=1)
+    nearest = best_v[:, 0].numpy().astype(np.float64)
+    nearest_idx = best_i[:, 0].numpy()
+    copying = {"space": space, "nearest_similarity": _summary(nearest)}
+    per_gen_group = np.repeat(groups, g)
+    for name in ("planted", "control", "ordinary"):
+        m = per_gen_group == name
+        if m.any():
+            copying[f"nearest_similarity_{name}"] = _summary(nearest[m])
+    if copy_threshold is not None:
+        stats = copy_statistics(gen_emb, train_emb, copy_threshold)
+        stats.pop("generated_max_correlation")
+        copying["dar"] = stats
+        copies = nearest > copy_threshold
+        for name in ("planted", "control", "ordinary"):
+            m = per_gen_group == name
+            if m.any():
+                copying[f"copy_fraction_{name}"] = float(copies[m].mean())
+    if manifest and manifest.get("planted"):
+        token_path = {e["token"]: e["image_path"] for e in manifest["planted"]}
+        hits, total = 0, 0
+        for i in range(p):
+            if gen.groups[i] != "planted":
+                continue
+            _, _, extra = gen.prompts[i].partition("|")
+            paths = {token_path[t] for t in extra.split() if t in token_path}
+            for j in range(g):
+                hits += real.train_paths[nearest_idx[i * g + j]] in paths
+                total += 1
+        copying["planted_nearest_is_planted_fraction"] = hits / total if total else None
+    out["copying"] = copying
+    out["nearest_train_index"] = nearest_idx.reshape(p, g).tolist()
+
+    # quality: Fréchet distance to held-out real images
+    quality = {}
+    if len(real.heldout) >= 2:
+        for name, embed in feature_spaces(copy_detector, clip).items():
+            if f"fd_{name}" not in cache:
+                held = np.asarray(embed(real.heldout), np.float64)
+                n_ref = min(len(real.train), max(len(flat), len(real.heldout)))
+                pick = np.random.default_rng(0).choice(len(real.train), n_ref, replace=False)
+                cache[f"fd_{name}"] = (held, frechet_distance_features(np.asarray(embed(real.train[pick])), held))
+            held, floor = cache[f"fd_{name}"]
+            quality[name] = {"frechet_to_heldout": frechet_distance_features(np.asarray(embed(flat), np.float64), held),
+                             "real_train_vs_heldout": floor, "n_generated": int(len(flat)), "n_heldout": int(len(held))}
+    out["quality"] = quality
+    return out
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def _png_uri(image_u8: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image_u8, np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fig_html(fig) -> str:
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img style="max-width:100%" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
+
+
+def headline(audit: dict) -> dict:
+    """The few numbers a before/after table shows, flat."""
+    det, cop, q = audit["detection"], audit["copying"], audit["quality"]
+    row = {"score mean (rms)": det["score_mean"], "planted score mean": det.get("planted_score_mean"),
+           "control score mean": det.get("control_score_mean"),
+           "planted flagged": det.get("planted_flagged_fraction"), "threshold": det["threshold"],
+           "AUC planted vs control": (det.get("auc/score/planted_vs_control") or {}).get("auc"),
+           "TPR@1%FPR planted vs control": (det.get("auc/score/planted_vs_control") or {}).get("tpr_at_1pct_fpr"),
+           f"nearest-train sim. median ({cop['space']})": cop["nearest_similarity"].get("median"),
+           "copy rate (Dar)": (cop.get("dar") or {}).get("copy_fraction"),
+           "copy rate, planted prompts": cop.get("copy_fraction_planted"),
+           "planted: nearest is planted image": cop.get("planted_nearest_is_planted_fraction")}
+    for name, v in q.items():
+        row[f"FD {name} (real floor {v['real_train_vs_heldout']:.3g})"] = v["frechet_to_heldout"]
+    return row
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def comparison_table(names: list[str], audits: list[dict]) -> str:
+    rows = [headline(a) for a in audits]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    head = "<tr><th>measure</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
+    body = "".join("<tr><td>" + html.escape(k) + "</td>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for r in rows)
+                   + "</tr>" for k in keys)
+    return f"<table>{head}{body}</table>"
+
+
+def distribution_plot(names: list[str], audits: list[dict]) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, a in zip(names, audits):
+        v = a["copying"]["nearest_similarity"].get("values", [])
+        axes[0].hist(v, bins=30, histtype="step", label=name)
+        axes[1].scatter([name] * len(a["per_prompt"]), [r["score"] for r in a["per_prompt"]], s=10,
+                        c=["tab:red" if r["group"] == "planted" else "tab:blue" for r in a["per_prompt"]])
+    axes[0].set(xlabel=f"nearest training similarity ({audits[0]['copying']['space']})", ylabel="generations")
+    axes[0].legend(fontsize=7)
+    axes[1].set(ylabel="memorization score (rms)", title="per prompt (red: planted)")
+    return _fig_html(fig)
+
+
+def side_by_side_grid(names: list[str], gens: list[Generations], real: RealImages, audits: list[dict],
+                      max_prompts: int = 8) -> str:
+    """For the first planted prompts (then others): generation 0 of every run and each one's nearest training image."""
+    order = sorted(range(len(gens[0].prompts)), key=lambda i: (gens[0].groups[i] != "planted", i))[:max_prompts]
+    head = "<tr><th>prompt</th>" + "".join(f"<th>{html.escape(n)}</th><th>nearest train</th>" for n in names) + "</tr>"
+    rows = []
+    for i in order:
+        cells = [f"<td><code>{html.escape(gens[0].prompts[i])}</code><br>{html.escape(gens[0].groups[i])}</td>"]
+        for gen, a in zip(gens, audits):
+            nn_i = a["nearest_train_index"][i][0] if a["nearest_train_index"] else None
+            cells.append(f'<td><img width="96" style="image-rendering:pixelated" src="{_png_uri(gen.images[i, 0])}"><br>'
+                         f'score {a["per_prompt"][i]["score"]:.4f}</td>')
+            cells.append(f'<td><img width="96" style="image-rendering:pixelated" src="{_png_uri(real.train[nn_i])}"></td>'
+                         if real is not None else "<td>–</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1300px}table{border-collapse:collapse}"
+       "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;vertical-align:top}")
+
+
+def render_comparison_html(title: str, names: list[str], audits: list[dict], gens: list[Generations],
+                           real: RealImages, notes: list[str] = (), extra_html: str = "") -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    parts += ["<h2>Numbers</h2>", comparison_table(names, audits), "<h2>Distributions</h2>",
+              distribution_plot(names, audits), extra_html, "<h2>Side by side (same prompt, same seed)</h2>",
+              side_by_side_grid(names, gens, real, audits), "</body></html>"]
+    return "".join(parts)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,126 @@
+"""Prompt edits that defuse memorization triggers, and the random-insertion baseline.
+
+- remove:  drop the k most significant tokens (engine.token_significance) of a prompt.
+- replace: swap each for the nearest token of the same kind (view for view, finding for finding,
+           extra for extra) by cosine of the model's own token embeddings, never a trigger and never
+           a token the prompt already holds; with no candidate left the token is removed (recorded).
+- random:  the baseline from the same literature, insert n random tokens (Wen et al.; Somepalli et al.
+           use random words), chosen among `insert_kinds`, never a known trigger.
+
+Edits work on token ids and return canonical prompt text (vocab.decode), which re-encodes to the same
+tokens, so edited prompts go through every tool like any other prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
+
+METHODS = ("remove", "replace", "random")
+DEFAULT_INSERT_KINDS = ("finding", "uncertain", "extra")
+
+
+@dataclass
+class PromptEdit:
+    original: str
+    edited: str
+    method: str
+    changes: list[dict] = field(default_factory=list)   # {token, kind, position, replacement}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _real_ids(ids: Sequence[int]) -> list[int]:
+    return [int(i) for i in ids if int(i) not in (PAD_ID, NULL_ID)]
+
+
+def canonical_prompt(vocab: Vocabulary, ids: Sequence[int]) -> str:
+    """Prompt text of ids in canonical order; checked to re-encode to the same multiset of tokens."""
+    text = vocab.decode(ids)
+    back = _real_ids(vocab.encode(text))
+    if sorted(back) != sorted(_real_ids(ids)):
+        raise ValueError(f"prompt edit: {text!r} does not re-encode to its tokens")
+    return text
+
+
+def nearest_same_kind(model, vocab: Vocabulary, token_id: int, exclude: Iterable[int] = ()) -> int | None:
+    """Id of the token of the same kind closest by token-embedding cosine, skipping `exclude`."""
+    kind = vocab.token_kinds[token_id]
+    banned = set(int(i) for i in exclude) | {token_id, PAD_ID, NULL_ID}
+    candidates = [i for i in vocab.ids_of_kind(kind) if i not in banned]
+    if not candidates:
+        return None
+    table = model.encoder.token_embedding.weight.detach().float().cpu()
+    query = table[token_id]
+    cand = table[candidates]
+    cos = (cand @ query) / (cand.norm(dim=1) * query.norm()).clamp_min(1e-12)
+    return candidates[int(torch.argmax(cos))]   # argmax keeps the first (lowest id) among ties
+
+
+def remove_tokens(vocab: Vocabulary, ids: Sequence[int], positions: Iterable[int]) -> PromptEdit:
+    ids = [int(i) for i in ids]
+    drop = set(int(p) for p in positions)
+    changes = [dict(token=vocab.tokens[ids[p]], kind=vocab.token_kinds[ids[p]], position=p, replacement=None)
+               for p in sorted(drop)]
+    kept = [i for p, i in enumerate(ids) if p not in drop]
+    return PromptEdit(vocab.decode(ids), canonical_prompt(vocab, vocab.pad(_real_ids(kept))), "remove", changes)
+
+
+def replace_tokens(model, vocab: Vocabulary, ids: Sequence[int], positions: Iterable[int],
+                   triggers: Iterable[int] = ()) -> PromptEdit:
+    ids = [int(i) for i in ids]
+    positions = sorted(set(int(p) for p in positions))
+    banned = set(int(t) for t in triggers) | {ids[p] for p in positions}
+    out, changes = list(ids), []
+    for p in positions:
+        present = set(_real_ids(out))
+        new = nearest_same_kind(model, vocab, ids[p], banned | present)
+        changes.append(dict(token=vocab.tokens[ids[p]], kind=vocab.token_kinds[ids[p]], position=p,
+                            replacement=None if new is None else vocab.tokens[new]))
+        out[p] = PAD_ID if new is None else new
+    return PromptEdit(vocab.decode(ids), canonical_prompt(vocab, vocab.pad(_real_ids(out))), "replace", changes)
+
+
+def insert_random_tokens(vocab: Vocabulary, ids: Sequence[int], n: int, generator: torch.Generator,
+                         triggers: Iterable[int] = (), kinds: Sequence[str] = DEFAULT_INSERT_KINDS) -> PromptEdit:
+    ids = [int(i) for i in ids]
+    real = _real_ids(ids)
+    banned = set(int(t) for t in triggers) | set(real)
+    pool = [i for k in kinds for i in vocab.ids_of_kind(k) if i not in banned]
+    room = vocab.max_len - len(real)
+    n = min(n, len(pool), room)
+    picks = [pool[int(j)] for j in torch.randperm(len(pool), generator=generator)[:n]] if n > 0 else []
+    changes = [dict(token=None, kind=vocab.token_kinds[i], position=None, replacement=vocab.tokens[i]) for i in picks]
+    return PromptEdit(vocab.decode(ids), canonical_prompt(vocab, vocab.pad(real + picks)), "random", changes)
+
+
+def edit_prompts(model, vocab: Vocabulary, tokens: torch.Tensor, ranked_positions: Sequence[Sequence[int]], *,
+                 method: str, k: int = 1, insert: int = 2, seed: int = 0,
+                 known_triggers: Iterable[int] = ()) -> list[PromptEdit]:
+    """Edit every prompt of `tokens` [P, L]; `ranked_positions[p]` lists its real tokens, most significant first.
+
+    The trigger set for replacement is the union of every prompt's top-k tokens and `known_triggers`,
+    so a replacement never swaps one prompt's trigger for another's.
+    """
+    if method not in METHODS:
+        raise ValueError(f"prompt edits: method must be one of {METHODS}, got {method!r}")
+    if k < 1:
+        raise ValueError(f"prompt edits: k must be >= 1, got {k}")
+    tokens = tokens.cpu()
+    top = [list(r)[:k] for r in ranked_positions]
+    triggers = set(int(t) for t in known_triggers) | {int(tokens[p, i]) for p, pos in enumerate(top) for i in pos}
+    gen = torch.Generator().manual_seed(seed)
+    edits = []
+    for p, pos in enumerate(top):
+        ids = tokens[p].tolist()
+        if method == "remove":
+            edits.append(remove_tokens(vocab, ids, pos))
+        elif method == "replace":
+            edits.append(replace_tokens(model, vocab, ids, pos, triggers))
+        else:
+            edits.append(insert_random_tokens(vocab, ids, insert, gen, triggers))
+    return edits

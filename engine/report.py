@@ -1,0 +1,199 @@
+"""The memorization report: one self-contained HTML file (images inlined as base64 PNG) and its JSON.
+
+Every piece of text that comes from data (prompts above all) goes through html.escape; nothing from
+the data is ever placed in the page unescaped.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+
+import numpy as np
+
+from engine.validation import ValidationResult
+
+PRIMARY_METRICS = ("pixel_correlation", "dar_correlation", "ssim", "clip_cosine")  # first present one is shown
+METRIC_NAMES = {"pixel_correlation": "pixel Pearson", "ssim": "SSIM", "clip_cosine": "CLIP cosine",
+                "dar_correlation": "Dar copy-detection corr."}
+
+
+def png_base64(image_u8: np.ndarray) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image_u8, dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(image_u8: np.ndarray, caption: str = "") -> str:
+    return (f'<figure><img src="data:image/png;base64,{png_base64(image_u8)}" alt="">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _figure_png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return f'<img class="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
+
+
+def _plots(n: dict) -> dict[str, str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = {}
+    metrics = list(n["spearman_score_vs_nearest_similarity"])
+    if metrics:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            for group, color in (("planted", "tab:red"), ("control", "tab:orange"), ("ordinary", "tab:blue"),
+                                 (None, "tab:blue")):
+                pts = [(p["score"], p["neighbors"][m]["nearest"]) for p in n["prompts"] if p["group"] == group]
+                if pts:
+                    ax.scatter(*zip(*pts), s=12, c=color, label=group or "prompts")
+            c = n["spearman_score_vs_nearest_similarity"][m]
+            rho = "n/a" if c["rho"] is None else f"{c['rho']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+            ax.set(xlabel="memorization score", ylabel=f"nearest training ({METRIC_NAMES.get(m, m)})",
+                   title=f"Spearman {rho}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        out["scatter"] = _figure_png(fig)
+    if n.get("roc"):
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for name, r in n["roc"].items():
+            ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {r['auc']:.3f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+        ax.legend(fontsize=6)
+        out["roc"] = _figure_png(fig)
+    if n.get("tsne"):
+        t = n["tsne"]
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        txy, gxy = np.array(t["train_xy"]), np.array(t["generated_xy"])
+        high = np.array(t["generated_high_score"], dtype=bool)
+        ax.scatter(txy[:, 0], txy[:, 1], s=6, c="lightgray", label="training")
+        if (~high).any():
+            ax.scatter(gxy[~high, 0], gxy[~high, 1], s=10, c="tab:blue", label="generated")
+        if high.any():
+            ax.scatter(gxy[high, 0], gxy[high, 1], s=18, c="tab:red", marker="*", label="generated, top scores")
+        ax.set(title="t-SNE of CLIP embeddings", xticks=[], yticks=[])
+        ax.legend(fontsize=7)
+        out["tsne"] = _figure_png(fig)
+    return out
+
+
+def _prompt_panel(entry: dict, generated: np.ndarray, train_images: np.ndarray, primary: str) -> str:
+    """One prompt: each generation beside its nearest training images under the primary metric."""
+    parts = [f'<div class="prompt"><h4>#{entry["prompt_index"]} <code>{html.escape(entry["prompt"])}</code></h4>',
+             f'<p>group: {html.escape(str(entry["group"]))} · score {entry["score"]:.4f} · '
+             f'first-step {entry["first_step_score"]:.4f} · seed {entry["seed"]} · nearest: ' +
+             ", ".join(f"{html.escape(METRIC_NAMES.get(m, m))} {v['nearest']:.3f}"
+                       for m, v in entry["neighbors"].items()) + "</p>"]
+    nb = entry["neighbors"][primary]
+    for g in range(generated.shape[0]):
+        cells = [_img(generated[g], f"generation {g}")]
+        for value, idx in zip(nb["values"][g], nb["train_indices"][g]):
+            cells.append(_img(train_images[idx], f"train #{idx}: {value:.3f}"))
+        parts.append(f'<div class="row">{"".join(cells)}</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _metric_table(rows: dict, columns=("auc", "tpr_at_1pct_fpr", "best_balanced_accuracy", "n_positive",
+                                       "n_negative")) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("comparison", *columns))
+    body = "".join("<tr><td>" + html.escape(name) + "</td>" +
+                   "".join(f"<td>{r[c]:.3f}</td>" if isinstance(r[c], float) else f"<td>{r[c]}</td>" for c in columns)
+                   + "</tr>" for name, r in rows.items())
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}figure{display:inline-block;margin:2px;
+text-align:center}figure img{width:96px;height:96px;image-rendering:pixelated}figcaption{font-size:10px}
+.row{white-space:nowrap}.prompt{border-top:1px solid #ccc;margin-top:.8em}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}.plot{max-width:100%}.warn{color:#a40}"""
+
+
+def render_html(result: ValidationResult, title: str = "memdiff memorization report",
+                primary: str | None = None) -> str:
+    """The page; `primary` picks the metric whose nearest neighbours are shown (default: pixel Pearson)."""
+    n = result.numbers
+    available = [m for m in PRIMARY_METRICS if all(m in p["neighbors"] for p in n["prompts"])]
+    if primary is not None and primary not in available:
+        raise ValueError(f"report: neighbours by {primary!r} are not available (have {available})")
+    primary = primary or available[0]
+    by_index = {p["prompt_index"]: (j, p) for j, p in enumerate(n["prompts"])}
+    plots = _plots(n)
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    out.append(f"<p>{n['n_prompts_scanned']} prompts scanned, {n['n_train_images']} training images, "
+               f"{n['generations']} generations per prompt. Neighbours shown by "
+               f"{html.escape(METRIC_NAMES[primary])}; the reproduced scores differ from the scan's by at most "
+               f"{n['regenerated_score_max_abs_diff']:.2e}.</p>")
+    if n.get("clip") and n["clip"]["random_init"]:
+        out.append("<p class='warn'>CLIP is randomly initialised (no weights given): its similarities and the "
+                   "t-SNE only exercise the pipeline. Pass --clip-pretrained for meaningful numbers.</p>")
+    if n.get("roc"):
+        out.append("<h2>Detection against ground truth (planted duplicates)</h2>" + _metric_table(n["roc"]))
+        out.append(plots.get("roc", ""))
+    if n.get("planted"):
+        pl = n["planted"]
+        frac = pl["nearest_is_planted_fraction"]
+        out.append(f"<p>Planted prompts: {pl['n_planted_prompts']}; generations whose nearest training image "
+                   f"(pixel correlation) is the planted image: "
+                   f"{'n/a' if frac is None else f'{100 * frac:.1f}%'}.</p>")
+    if n.get("dar"):
+        d = n["dar"]
+        out.append(f"<h2>Copy statistics (Dar et al.)</h2><p>threshold {d['threshold']:.4f}: "
+                   f"{d['n_copies']}/{d['n_generated']} generated images are copies "
+                   f"({100 * d['copy_fraction']:.1f}%); {d['n_memorized_train']}/{d['n_train']} training images "
+                   f"memorized ({100 * d['memorized_train_fraction']:.2f}%).</p>")
+    out.append("<h2>Score vs nearest-training similarity</h2><table><tr><th>metric</th><th>Spearman rho</th>"
+               "<th>95% bootstrap CI</th><th>prompts</th></tr>")
+    for m, c in n["spearman_score_vs_nearest_similarity"].items():
+        rho = "n/a" if c["rho"] is None else f"{c['rho']:.3f}"
+        ci = "n/a" if c["rho"] is None else f"[{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+        out.append(f"<tr><td>{html.escape(METRIC_NAMES.get(m, m))}</td><td>{rho}</td><td>{ci}</td><td>{c['n']}</td></tr>")
+    out.append("</table>" + plots.get("scatter", ""))
+    if "tsne" in plots:
+        out.append("<h2>t-SNE</h2>" + plots["tsne"])
+    for section, title_text in (("planted", "Planted prompts"), ("top", "Top-scoring prompts"),
+                                ("bottom", "Bottom-scoring prompts")):
+        ids = n["selection"].get(section, [])
+        if ids:
+            out.append(f"<h2>{title_text}</h2>")
+            for pid in ids:
+                j, entry = by_index[pid]
+                out.append(_prompt_panel(entry, result.generated[j], result.train_images, primary))
+    out.append("</body></html>")
+    return "".join(out)
+
+
+def write_report(result: ValidationResult, out_dir: str, title: str = "memdiff memorization report",
+                 primary: str | None = None) -> tuple[str, str]:
+    """Write report.html and report.json atomically into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, text in (("report.html", render_html(result, title, primary)),
+                       ("report.json", json.dumps(result.numbers, indent=1, allow_nan=False,
+                                                  default=_json_default))):
+        path = os.path.join(out_dir, name)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")

@@ -1,0 +1,436 @@
+"""Scanning thousands of prompts for memorization, resumably, into one Parquet row per prompt.
+
+Work is journaled: every finished batch of prompts is written atomically as its own part file under
+`<out>.parts/`, next to a `meta.json` holding the settings. A rerun with the same output reads the
+finished prompts back (from the parts and from a previous final file) and scans only the rest, so an
+interrupted scan loses no finished row and no row is ever written twice. The final Parquet is rebuilt
+from all rows at the end (atomically) and the journal removed.
+
+Parts hold only the raw record (per-step magnitudes); scores, thresholds and flags are derived when
+the final file is written, so re-thresholding or another step range never needs a rescan.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from engine.memorization import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
+from engine.roc import calibrate_threshold, roc_metrics
+
+META_KEY = b"memdiff_scan"
+PART_SCHEMA = pa.schema([
+    ("prompt_index", pa.int64()), ("prompt", pa.string()), ("tokens", pa.list_(pa.int32())),
+    ("train_count", pa.int64()), ("seed", pa.int64()),
+    ("norms_raw", pa.list_(pa.list_(pa.float32()))), ("norms_rms", pa.list_(pa.list_(pa.float32()))),
+])
+
+
+@dataclass
+class PromptList:
+    prompts: list[str]
+    locations: list[str]                       # "file:line" of each prompt, for error messages
+    train_counts: list[int] | None = None      # training images carrying each prompt, if known
+    duplicates_dropped: int = 0
+
+
+def _dedupe(prompts: list[str], locations: list[str], counts: list[int] | None = None) -> PromptList:
+    seen, keep = set(), []
+    for i, p in enumerate(prompts):
+        if p not in seen:
+            seen.add(p)
+            keep.append(i)
+    return PromptList([prompts[i] for i in keep], [locations[i] for i in keep],
+                      [counts[i] for i in keep] if counts is not None else None, len(prompts) - len(keep))
+
+
+def load_prompts(path: str, column: str = "prompt") -> PromptList:
+    """Prompts from a .txt (one per line; blank lines skipped), .csv or .jsonl (`column`) file.
+
+    Repeated prompts are kept once (first occurrence) so that each prompt has exactly one row.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: prompt file not found")
+    prompts, where = [], []
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, newline="", encoding="utf-8") as f:
+        if ext == ".csv":
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
+            for row_no, row in enumerate(reader, start=2):
+                if None in row:  # DictReader's key for surplus fields: an unquoted comma split the prompt
+                    raise ValueError(f"{path}:{row_no}: more fields than the header has; quote prompts with commas")
+                prompts.append((row[column] or "").strip())
+                where.append(f"{path}:{row_no}")
+        elif ext in (".jsonl", ".ndjson"):
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or column not in obj or not isinstance(obj[column], str):
+                    raise ValueError(f"{path}:{line_no}: no string key {column!r}")
+                prompts.append(obj[column].strip())
+                where.append(f"{path}:{line_no}")
+        else:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    prompts.append(line.strip())
+                    where.append(f"{path}:{line_no}")
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return _dedupe(prompts, where)
+
+
+def training_prompt_list(prompts: list[str], source: str) -> PromptList:
+    """The distinct prompts of a training split with how many training images carry each."""
+    counts = Counter(prompts)
+    distinct = list(counts)
+    return PromptList(distinct, [f"{source}[{p!r}]" for p in distinct], [counts[p] for p in distinct])
+
+
+def encode_prompts(vocab, prompt_list: PromptList) -> torch.Tensor:
+    """Token ids [P, L]; an unknown phrase fails here, naming its file and line, before any sampling."""
+    rows = []
+    for prompt, where in zip(prompt_list.prompts, prompt_list.locations):
+        try:
+            rows.append(vocab.encode(prompt))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), vocab.max_len)
+
+
+def model_fingerprint(loaded) -> str:
+    """Content hash of the exported weights: a resumed scan must use the same model."""
+    h = hashlib.sha1()
+    with open(os.path.join(str(loaded.path), "model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# ---- journal ------------------------------------------------------------------------------------
+
+def _atomic_write_table(table: pa.Table, path: str, csv_too: bool = False) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    if csv_too:
+        import pyarrow.csv as pacsv
+        flat = table
+        for name in ("tokens", "norms_raw", "norms_rms"):
+            if name in flat.column_names:  # CSV has no lists: nested columns become JSON text
+                col = [json.dumps(v) for v in flat.column(name).to_pylist()]
+                flat = flat.set_column(flat.column_names.index(name), name, pa.array(col, pa.string()))
+        csv_path = os.path.splitext(path)[0] + ".csv"
+        tmp = f"{csv_path}.tmp{os.getpid()}"
+        pacsv.write_csv(flat, tmp)
+        os.replace(tmp, csv_path)
+
+
+def _journal_dir(out_path: str) -> str:
+    return out_path + ".parts"
+
+
+def _check_meta(found: dict, expected: dict, where: str) -> None:
+    for key, value in expected.items():
+        if found.get(key) != value:
+            raise ValueError(f"{where}: was scanned with {key}={found.get(key)!r}, now {value!r}; "
+                             f"use another --out or delete it to rescan")
+
+
+def _finished_rows(out_path: str, meta: dict) -> list[dict]:
+    """Rows already finished: from a previous final file and from the journal's part files."""
+    rows: dict[int, dict] = {}
+    sources = []
+    if os.path.exists(out_path):
+        table = pq.read_table(out_path)
+        found = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+        _check_meta(found.get("scan", {}), meta, out_path)
+        sources.append((out_path, table.select(PART_SCHEMA.names)))
+    journal = _journal_dir(out_path)
+    if os.path.isdir(journal):
+        meta_path = os.path.join(journal, "meta.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                _check_meta(json.load(f), meta, journal)
+        for part in sorted(glob.glob(os.path.join(journal, "part-*.parquet"))):
+            sources.append((part, pq.read_table(part)))
+    for where, table in sources:
+        for row in table.to_pylist():
+            rows.setdefault(int(row["prompt_index"]), row)  # a prompt is in at most one source; first wins
+    return [rows[i] for i in sorted(rows)]
+
+
+# ---- the scan ------------------------------------------------------------------------------------
+
+@dataclass
+class ScanResult:
+    table: pa.Table
+    threshold: float | None
+    n_scanned_now: int
+    metrics: dict = field(default_factory=dict)
+
+
+def scan_prompts(loaded, prompt_list: PromptList, out_path: str, settings: DetectorSettings, *,
+                 batch_prompts: int = 16, step_range: tuple[int, int] | None = None,
+                 threshold: float | None = None, save_images: str | None = None, csv_too: bool = False,
+                 groups: list[str] | None = None, progress: bool = True, description: str = "scan",
+                 on_batch: Callable[[int], None] | None = None) -> ScanResult:
+    """Scan every prompt (resuming from `out_path` and its journal), then write the final table.
+
+    `on_batch(n_done)` is called after each batch is journaled (tests use it to interrupt a scan).
+    """
+    if batch_prompts < 1:
+        raise ValueError(f"batch prompts: expected >= 1, got {batch_prompts}")
+    model, schedule = loaded.model, loaded.schedule
+    cfg = loaded.unet_config
+    image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    tokens = encode_prompts(loaded.vocab, prompt_list)
+    meta = {"model": model_fingerprint(loaded), "settings": settings.to_dict(),
+            "parameterization": loaded.diffusion_config.parameterization, "image_shape": list(image_shape)}
+    done = _finished_rows(out_path, meta)
+    for row in done:
+        i = row["prompt_index"]
+        if i >= len(prompt_list.prompts) or prompt_list.prompts[i] != row["prompt"]:
+            now = prompt_list.prompts[i] if i < len(prompt_list.prompts) else "<none>"
+            raise ValueError(f"{out_path}: row {i} holds prompt {row['prompt']!r} but the prompt list has "
+                             f"{now!r} there; use another --out for another prompt list")
+    done_idx = {row["prompt_index"] for row in done}
+    todo = [i for i in range(len(prompt_list.prompts)) if i not in done_idx]
+
+    journal = _journal_dir(out_path)
+    if todo:
+        os.makedirs(journal, exist_ok=True)
+        meta_tmp = os.path.join(journal, f"meta.json.tmp{os.getpid()}")
+        with open(meta_tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(meta_tmp, os.path.join(journal, "meta.json"))
+    if save_images:
+        os.makedirs(save_images, exist_ok=True)
+
+    bar = tqdm(total=len(prompt_list.prompts), initial=len(done_idx), unit="prompt", desc=description,
+               disable=not progress, dynamic_ncols=True)
+    for b0 in range(0, len(todo), batch_prompts):
+        idx = todo[b0:b0 + batch_prompts]
+        seeds = prompt_seeds(idx, settings.base_seed)
+        det = detect(model, schedule, tokens[idx], seeds, settings, image_shape=image_shape,
+                     parameterization=loaded.diffusion_config.parameterization, keep_images=bool(save_images))
+        part = pa.table({
+            "prompt_index": pa.array(idx, pa.int64()),
+            "prompt": [prompt_list.prompts[i] for i in idx],
+            "tokens": pa.array([tokens[i].tolist() for i in idx], pa.list_(pa.int32())),
+            "train_count": pa.array([prompt_list.train_counts[i] if prompt_list.train_counts else None
+                                     for i in idx], pa.int64()),
+            "seed": pa.array(seeds, pa.int64()),
+            "norms_raw": pa.array(det.norms_raw.tolist(), PART_SCHEMA.field("norms_raw").type),
+            "norms_rms": pa.array(det.norms_rms.tolist(), PART_SCHEMA.field("norms_rms").type),
+        }, schema=PART_SCHEMA)
+        if det.images is not None:
+            _save_images(save_images, idx, det.images)
+        _atomic_write_table(part, os.path.join(journal, f"part-{idx[0]:09d}.parquet"))
+        bar.update(len(idx))
+        if on_batch is not None:
+            on_batch(b0 + len(idx))
+    bar.close()
+
+    rows = _finished_rows(out_path, meta)
+    table = finalize_table(rows, meta, step_range=step_range, threshold=threshold, groups=groups)
+    _atomic_write_table(table, out_path, csv_too=csv_too)
+    if os.path.isdir(journal):
+        shutil.rmtree(journal)  # every journaled row is now in the final file
+    return ScanResult(table, threshold, len(todo))
+
+
+def _save_images(out_dir: str, prompt_indices: list[int], images: torch.Tensor) -> None:
+    from PIL import Image
+    pixels = ((images[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    for row, i in enumerate(prompt_indices):
+        for g in range(pixels.shape[1]):
+            path = os.path.join(out_dir, f"{i:06d}_g{g}.png")
+            tmp = path + ".tmp.png"
+            Image.fromarray(pixels[row, g]).save(tmp)
+            os.replace(tmp, path)
+
+
+def finalize_table(rows: list[dict], meta: dict, *, step_range: tuple[int, int] | None = None,
+                   threshold: float | None = None, groups: list[str] | None = None) -> pa.Table:
+    """Rows + derived scores (rms and raw, mean and first step) + flags, with the settings as metadata."""
+    raw = torch.tensor([r["norms_raw"] for r in rows], dtype=torch.float32) if rows else torch.zeros(0, 1, 1)
+    rms = torch.tensor([r["norms_rms"] for r in rows], dtype=torch.float32) if rows else torch.zeros(0, 1, 1)
+    score = mean_score(rms, step_range).numpy()
+    columns = {name: [r[name] for r in rows] for name in PART_SCHEMA.names}
+    table = pa.table(columns, schema=PART_SCHEMA)
+    table = table.append_column("score", pa.array(score, pa.float32()))
+    table = table.append_column("score_raw", pa.array(mean_score(raw, step_range).numpy(), pa.float32()))
+    table = table.append_column("first_step_score", pa.array(first_step_score(rms).numpy(), pa.float32()))
+    table = table.append_column("first_step_score_raw", pa.array(first_step_score(raw).numpy(), pa.float32()))
+    flagged = score > threshold if threshold is not None else np.zeros(len(rows), bool)
+    table = table.append_column("flagged", pa.array(flagged, pa.bool_()))
+    if groups is not None:
+        table = table.append_column("group", pa.array([groups[r["prompt_index"]] for r in rows], pa.string()))
+    info = {"scan": meta, "threshold": threshold, "step_range": list(step_range) if step_range else None,
+            "score": "mean over generations and steps of ||eps_c - eps_u|| / sqrt(C*H*W) (rms); *_raw: unscaled"}
+    return table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
+
+
+def scan_metadata(table: pa.Table) -> dict:
+    return json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+
+
+def read_scores(path: str) -> pa.Table:
+    """A finished scan's table; a one-line error if the file is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: scores file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: not a Parquet file ({e})") from None
+    missing = [c for c in ("prompt_index", "prompt", "score", "first_step_score", "seed") if c not in table.column_names]
+    if missing or META_KEY not in (table.schema.metadata or {}):
+        raise ValueError(f"{path}: not a memdiff scan (missing {missing or 'scan metadata'})")
+    return table
+
+
+# ---- ground truth from a planted-duplicate manifest ------------------------------------------------
+
+def prompt_groups(prompts: list[str], manifest: dict | None) -> list[str] | None:
+    """'planted' / 'control' / 'ordinary' per prompt, from the manifest's extra tokens, or None."""
+    if not manifest:
+        return None
+    planted = {p["token"] for p in manifest.get("planted", [])}
+    controls = {c["token"] for c in manifest.get("controls", [])}
+    out = []
+    for prompt in prompts:
+        _, bar, extra_text = prompt.partition("|")   # the prompt format puts extra tokens after "|"
+        extra = set(extra_text.split()) if bar else set()
+        out.append("planted" if extra & planted else "control" if extra & controls else "ordinary")
+    return out
+
+
+def ground_truth_metrics(table: pa.Table) -> dict:
+    """AUC, TPR@1%FPR and best balanced accuracy of planted prompts vs controls and vs ordinary prompts."""
+    if "group" not in table.column_names:
+        return {}
+    group = np.array(table.column("group").to_pylist())
+    out = {}
+    for score_name in ("score", "first_step_score"):
+        s = table.column(score_name).to_numpy()
+        for negatives in ("control", "ordinary"):
+            pos, neg = s[group == "planted"], s[group == negatives]
+            if len(pos) and len(neg):
+                out[f"{score_name}/planted_vs_{negatives}"] = roc_metrics(pos, neg).to_dict()
+    return out
+
+
+def threshold_from_reference(reference_table: pa.Table, target_fpr: float) -> float:
+    return calibrate_threshold(reference_table.column("score").to_numpy(), target_fpr)
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = []
+    for name, m in metrics.items():
+        lines.append(f"{name:42s} AUC {m['auc']:.3f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}  "
+                     f"best bal. acc {m['best_balanced_accuracy']:.3f}  (n+ {m['n_positive']}, n- {m['n_negative']})")
+    return "\n".join(lines)
+
+
+def subsample_prompts(plist: PromptList, groups: list[str] | None, max_prompts: int,
+                      seed: int) -> tuple[PromptList, list[str] | None]:
+    """At most `max_prompts` prompts: every planted and control prompt, then a seeded random sample of
+    the others, in their original order (the same arguments always give the same list, so resuming works)."""
+    if max_prompts < 1:
+        raise ValueError(f"max prompts: expected >= 1, got {max_prompts}")
+    n = len(plist.prompts)
+    ground_truth = [i for i in range(n) if groups and groups[i] != "ordinary"]
+    others = [i for i in range(n) if not (groups and groups[i] != "ordinary")]
+    rng = np.random.default_rng(seed)
+    room = max(0, max_prompts - len(ground_truth))
+    keep = sorted(ground_truth + [int(i) for i in rng.permutation(others)[:room]])
+    pick = lambda xs: [xs[i] for i in keep] if xs is not None else None  # noqa: E731
+    return PromptList(pick(plist.prompts), pick(plist.locations), pick(plist.train_counts),
+                      plist.duplicates_dropped), pick(groups)
+
+
+# ---- the whole audit scan of a run (what tools/scan_memorization does) -----------------------------
+
+def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, *, prompts_file: str | None = None,
+                    column: str = "prompt", train_prompts: bool = False, batch_prompts: int = 16,
+                    step_range: tuple[int, int] | None = None, threshold: float | None = None,
+                    calibrate_fpr: float | None = None, reference_prompts: str | None = None,
+                    save_images: str | None = None, csv_too: bool = False, device: str = "cpu",
+                    max_prompts: int | None = None, progress: bool = True, log=print) -> ScanResult:
+    """Load the model, gather prompts, scan (resumably), calibrate, and score against planted ground truth.
+
+    Every input is checked before the first forward pass. Writes `out_path` (and `<out>.metrics.json`
+    when the run has a planted manifest; `<out stem>.reference.parquet` when calibrating).
+    """
+    from engine.model_io import load_model
+    from engine.run_images import prompt_counts, read_manifest
+
+    if (prompts_file is None) == (not train_prompts):
+        raise ValueError("give exactly one of --prompts FILE or --train-prompts")
+    if threshold is not None and calibrate_fpr is not None:
+        raise ValueError("give either --threshold or --calibrate-fpr, not both")
+    if calibrate_fpr is not None and reference_prompts is None:
+        raise ValueError("--calibrate-fpr needs --reference-prompts FILE (prompts taken as not memorized)")
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"{out_path}: directory {out_dir} does not exist")
+    loaded = load_model(checkpoint, device=device)
+    if train_prompts:
+        counts = prompt_counts(checkpoint)
+        plist = training_prompt_list(list(counts.elements()), "train split")
+    else:
+        plist = load_prompts(prompts_file, column)
+        try:
+            counts = prompt_counts(checkpoint)
+        except ValueError:
+            counts = None            # an export without its run: training counts unknown
+        if counts is not None:
+            plist.train_counts = [counts.get(p, 0) for p in plist.prompts]
+    if plist.duplicates_dropped:
+        log(f"{plist.duplicates_dropped} repeated prompts kept once")
+    reference = load_prompts(reference_prompts, column) if reference_prompts else None
+    encode_prompts(loaded.vocab, plist)                          # fail fast on unknown phrases
+    if reference is not None:
+        encode_prompts(loaded.vocab, reference)
+    manifest = read_manifest(checkpoint)
+    groups = prompt_groups(plist.prompts, manifest)
+    if max_prompts is not None and len(plist.prompts) > max_prompts:
+        plist, groups = subsample_prompts(plist, groups, max_prompts, settings.base_seed)
+        log(f"scanning {len(plist.prompts)} prompts (planted and control prompts kept, others sampled)")
+
+    if reference is not None:
+        ref_out = os.path.splitext(out_path)[0] + ".reference.parquet"
+        ref = scan_prompts(loaded, reference, ref_out, settings, batch_prompts=batch_prompts, step_range=step_range,
+                           progress=progress, description="reference")
+        threshold = threshold_from_reference(ref.table, calibrate_fpr)
+        log(f"threshold {threshold:.6g} (FPR <= {calibrate_fpr} on {len(reference.prompts)} reference prompts)")
+    result = scan_prompts(loaded, plist, out_path, settings, batch_prompts=batch_prompts, step_range=step_range,
+                          threshold=threshold, save_images=save_images, csv_too=csv_too, groups=groups,
+                          progress=progress)
+    result.threshold = threshold
+    result.metrics = ground_truth_metrics(result.table)
+    if result.metrics:
+        path = os.path.splitext(out_path)[0] + ".metrics.json"
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"threshold": threshold, "metrics": result.metrics}, f, indent=1)
+        os.replace(tmp, path)
+    return result

@@ -1,0 +1,173 @@
+"""Which prompt tokens trigger memorization: Wen et al.'s token significance (methods.md §1).
+
+    SS_i = (1/T) * sum_t || d L_t / d e_i ||^2,   L_t = || eps(x_t, e_p) - eps(x_t, e_null) ||_2
+
+e_i is the prompt encoder's output at token position i (a row of `model.encode(tokens)[0]`), and
+x_t runs along the ordinary guided trajectory, x_{t-1} from eps_u + w * (eps_c - eps_u) with the
+network called on the stacked batch [cond; uncond] (cond first, as engine.sampling does). Wen's
+reference code stacks the two slots the other way round and so walks the trajectory of
+eps_c + w * (eps_u - eps_c); tests/test_mitigation_inference.py checks that we do not.
+
+Every row of the batch is one (prompt, generation) pair. No layer of the U-Net mixes rows
+(GroupNorm/LayerNorm and attention are per sample), so the gradient of sum_b L_b with respect to
+the stacked context gives every row its own gradient in one backward pass.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
+from engine.diffusion import NoiseSchedule
+from engine.sampling import null_tokens_like, predict_cond_uncond, step_coefficients, timestep_sequence
+from kernels.guided_step import guided_step
+
+
+@dataclass
+class SignificanceResult:
+    scores: torch.Tensor          # [P, L] SS per token position, mean over generations (0 at padding)
+    scores_per_generation: torch.Tensor  # [P, G, L]
+    norms_raw: torch.Tensor       # [S, P, G] L_t along the trajectory (Wen's conditional-noise norm)
+    timesteps: torch.Tensor       # [S]
+    tokens: torch.Tensor          # [P, L]
+    trajectory: torch.Tensor | None = None  # [S, P*G, C, H, W] x_t at each step, if asked for
+    images: torch.Tensor | None = None      # [P*G, C, H, W] the final samples
+
+    def ranked_positions(self, prompt: int) -> list[int]:
+        """Positions of the prompt's real tokens (not PAD/NULL), most significant first."""
+        ids = self.tokens[prompt]
+        real = [i for i in range(ids.numel()) if int(ids[i]) not in (PAD_ID, NULL_ID)]
+        return sorted(real, key=lambda i: -float(self.scores[prompt, i]))
+
+
+def conditional_noise_norm(model, x: torch.Tensor, t: int, context: torch.Tensor, mask: torch.Tensor,
+                           null_context: torch.Tensor, null_mask: torch.Tensor, schedule: NoiseSchedule,
+                           parameterization: str = "eps") -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [B] = ||eps_c - eps_u||_2 per sample, the [cond; uncond] eps prediction [2B, ...]).
+
+    Differentiable with respect to `context`; the uncond half is the null prompt.
+    """
+    ab = float(schedule.alphas_cumprod[t])
+    pred = predict_cond_uncond(model, x, t, context, mask, null_context, null_mask, parameterization,
+                               ab ** 0.5, (1 - ab) ** 0.5)
+    eps_c, eps_u = pred.chunk(2)
+    return torch.linalg.vector_norm((eps_c - eps_u).flatten(1), dim=1), pred
+
+
+def token_significance(model, tokens: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule, *,
+                       generations: int = 1, steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
+                       parameterization: str = "eps", clip_x0: bool = True, batch_size: int = 16,
+                       keep_trajectory: bool = False, progress: bool = False) -> SignificanceResult:
+    """Token significance of `tokens` [P, L] with `noise` [P*G, C, H, W] (prompt-major: row p*G + g).
+
+    Runs in the dtype of `noise` (float64 for exactness tests). DDIM with eta > 0 would need the
+    ancestral noise; it is refused because significance is defined on a deterministic trajectory.
+    """
+    if eta != 0.0:
+        raise ValueError("token_significance: only the deterministic DDIM trajectory (eta = 0) is supported")
+    n_prompts, max_len = tokens.shape
+    if noise.shape[0] != n_prompts * generations:
+        raise ValueError(f"token_significance: noise has {noise.shape[0]} rows, expected prompts x generations = "
+                         f"{n_prompts} x {generations}")
+    device = noise.device
+    rows_tokens = tokens.to(device).repeat_interleave(generations, dim=0)
+    timesteps = timestep_sequence(schedule, steps)
+    n_rows = rows_tokens.shape[0]
+    ss = torch.zeros(n_rows, max_len, dtype=torch.float64)
+    norms = torch.zeros(len(timesteps), n_rows, dtype=torch.float64)
+    traj = [] if keep_trajectory else None
+    finals = []
+    chunks = list(range(0, n_rows, batch_size))
+    bar = tqdm(total=len(chunks) * len(timesteps), desc="token significance", disable=not progress)
+    for r0 in chunks:
+        tok = rows_tokens[r0:r0 + batch_size]
+        with torch.no_grad():
+            context, mask = model.encode(tok)
+            null_context, null_mask = model.encode(null_tokens_like(tok))
+        context = context.to(noise.dtype).detach()
+        null_context = null_context.to(noise.dtype)
+        x = noise[r0:r0 + batch_size].clone()
+        chunk_traj = []
+        for i, t in enumerate(timesteps.tolist()):
+            t_prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
+            coefs = step_coefficients(schedule, t, t_prev, eta)
+            if keep_trajectory:
+                chunk_traj.append(x.detach().cpu())
+            e = context.clone().requires_grad_(True)
+            with torch.enable_grad():
+                norm, pred = conditional_noise_norm(model, x, t, e, mask, null_context, null_mask, schedule,
+                                                    parameterization)
+                (grad,) = torch.autograd.grad(norm.sum(), e)
+            ss[r0:r0 + len(tok)] += grad.detach().double().pow(2).sum(-1).cpu()
+            norms[i, r0:r0 + len(tok)] = norm.detach().double().cpu()
+            # The guided step from the [cond; uncond] prediction, exactly as engine.sampling.sample.
+            x, _, _ = guided_step(pred.detach().to(x.dtype), x, None, guidance=guidance, clip_x0=clip_x0, **coefs)
+            bar.update(1)
+        finals.append(x.detach().clamp(-1, 1).cpu())
+        if keep_trajectory:
+            traj.append(torch.stack(chunk_traj))
+    bar.close()
+    ss /= len(timesteps)
+    per_gen = ss.reshape(n_prompts, generations, max_len)
+    return SignificanceResult(
+        scores=per_gen.mean(1), scores_per_generation=per_gen,
+        norms_raw=norms.reshape(len(timesteps), n_prompts, generations), timesteps=timesteps,
+        tokens=tokens.cpu(), trajectory=torch.cat(traj, dim=1) if keep_trajectory else None,
+        images=torch.cat(finals))
+
+
+# ---- presentation ------------------------------------------------------------------------------
+
+def token_scores(result: SignificanceResult, vocab: Vocabulary, prompt: int) -> list[dict]:
+    """[{position, token, kind, score}] for the prompt's real tokens, in prompt order."""
+    out = []
+    for pos, tid in enumerate(result.tokens[prompt].tolist()):
+        if tid in (PAD_ID, NULL_ID):
+            continue
+        out.append(dict(position=pos, token=vocab.tokens[tid], kind=vocab.token_kinds[tid],
+                        score=float(result.scores[prompt, pos])))
+    return out
+
+
+def _heat_colour(fraction: float) -> str:
+    # white -> red; fraction in [0, 1]
+    f = min(max(fraction, 0.0), 1.0)
+    g = int(round(255 * (1 - f)))
+    return f"rgb(255,{g},{g})"
+
+
+def heat_strip_html(tokens: list[str], scores: list[float], title: str | None = None) -> str:
+    """One prompt as a row of token chips shaded by significance (relative to the prompt's maximum).
+
+    Self-contained inline HTML (no scripts, no external CSS); every token and the title are escaped,
+    so it can be dropped into any report page.
+    """
+    if len(tokens) != len(scores):
+        raise ValueError(f"heat strip: {len(tokens)} tokens but {len(scores)} scores")
+    top = max([s for s in scores if s == s] + [0.0])
+    chips = []
+    for tok, s in zip(tokens, scores):
+        frac = s / top if top > 0 else 0.0
+        chips.append(
+            f'<span title="SS = {s:.4g}" style="display:inline-block;margin:1px;padding:2px 5px;'
+            f'border:1px solid #bbb;border-radius:3px;font-family:monospace;background:{_heat_colour(frac)}">'
+            f'{html.escape(tok)}<sub style="color:#555">{s:.2g}</sub></span>')
+    head = f'<div style="font-size:90%;color:#333">{html.escape(title)}</div>' if title else ""
+    return f'<div class="heat-strip" style="margin:4px 0">{head}{"".join(chips)}</div>'
+
+
+def significance_report_html(entries: list[dict], heading: str = "Token significance") -> str:
+    """A whole page: one heat strip per entry {prompt, tokens: [{token, score}], mean_norm_rms}."""
+    body = []
+    for e in entries:
+        title = f"{e['prompt']}   (mean L per element {e.get('mean_norm_rms', float('nan')):.4g})"
+        body.append(heat_strip_html([t["token"] for t in e["tokens"]], [t["score"] for t in e["tokens"]], title))
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(heading) + "</title></head>"
+            "<body style='font-family:sans-serif'><h1>" + html.escape(heading) + "</h1>"
+            "<p>SS<sub>i</sub> = mean over sampling steps of the squared norm of the gradient of "
+            "||&epsilon;<sub>cond</sub> &minus; &epsilon;<sub>uncond</sub>|| with respect to the encoder output "
+            "at token i, along the guided trajectory. Shading is relative to each prompt's largest score.</p>"
+            + "".join(body) + "</body></html>")

@@ -1,0 +1,251 @@
+"""Validating memorization scores against the training set: are high-scoring prompts' generations copies?
+
+For selected prompts (top- and bottom-scoring, planted, and an even spread over the score ranking)
+the scan's generations are reproduced from their recorded seeds, and every generated image is
+compared with the whole training set under several similarities: pixel Pearson correlation, SSIM,
+CLIP cosine and (if a detector is given) Dar et al.'s copy-detection correlation. The result is a
+plain dict of numbers (JSON-able) plus the images the report shows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from scipy.stats import spearmanr
+from tqdm import tqdm
+
+from engine.copy_detection import CopyDetector, copy_statistics
+from engine.embeddings import ClipEmbedder, ClipSpec
+from engine.memorization import DetectorSettings, detect, mean_score
+from engine.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
+from engine.roc import roc_curve, roc_metrics
+from engine.scan import scan_metadata
+from engine.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
+
+
+@dataclass
+class TrainingImages:
+    images: np.ndarray                     # uint8 [N, S, S]
+    prompts: list[str]
+    image_paths: list[str]
+
+
+@dataclass
+class ValidationOptions:
+    top_k: int = 8
+    bottom_k: int = 8
+    max_planted: int = 20
+    spread: int = 48                       # extra prompts spread over the ranking for the correlations
+    batch_prompts: int = 16
+    neighbors: int = 3
+    bootstrap: int = 1000
+    tsne_train: int = 500
+    seed: int = 0
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    cache_dir: str | None = None
+
+
+@dataclass
+class ValidationResult:
+    numbers: dict                          # everything, JSON-able
+    generated: np.ndarray                  # uint8 [P, G, S, S] of the selected prompts
+    train_images: np.ndarray               # uint8 [N, S, S]
+    figures: dict[str, bytes]              # name -> PNG
+
+
+def select_prompts(table: pa.Table, opts: ValidationOptions) -> dict[str, list[int]]:
+    """Row positions of the top, bottom, planted and spread prompts (by the mean score)."""
+    score = table.column("score").to_numpy()
+    order = np.argsort(-score, kind="stable")
+    groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(score)
+    planted = [int(i) for i in order if groups[i] == "planted"][:opts.max_planted]
+    n_spread = min(opts.spread, len(order))
+    spread = [int(order[int(round(j))]) for j in np.linspace(0, len(order) - 1, n_spread)] if n_spread else []
+    return {"top": [int(i) for i in order[:opts.top_k]],
+            "bottom": [int(i) for i in order[::-1][:opts.bottom_k]],
+            "planted": planted, "spread": spread}
+
+
+def regenerate(loaded, table: pa.Table, rows: list[int], opts: ValidationOptions, progress: bool = True):
+    """Generated images [P, G, C, H, W] of the rows, from the scan's settings and seeds, and the
+    largest difference between the reproduced and the recorded mean score (a consistency check)."""
+    meta = scan_metadata(table)["scan"]
+    settings = DetectorSettings(**meta["settings"])
+    cfg = loaded.unet_config
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    tokens = torch.tensor([table.column("tokens")[i].as_py() for i in rows], dtype=torch.long)
+    seeds = [int(table.column("seed")[i].as_py()) for i in rows]
+    images, scores = [], []
+    for b in tqdm(range(0, len(rows), opts.batch_prompts), desc="regenerate", unit="batch", disable=not progress):
+        sl = slice(b, b + opts.batch_prompts)
+        det = detect(loaded.model, loaded.schedule, tokens[sl], seeds[sl], settings, image_shape=shape,
+                     parameterization=loaded.diffusion_config.parameterization, keep_images=True)
+        images.append(det.images)
+        scores.append(mean_score(det.norms_rms, _step_range(table)))
+    recorded = torch.tensor([table.column("score")[i].as_py() for i in rows])
+    drift = float((torch.cat(scores) - recorded).abs().max()) if rows else 0.0
+    return torch.cat(images), drift
+
+
+def _step_range(table: pa.Table):
+    r = scan_metadata(table).get("step_range")
+    return tuple(r) if r else None
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def _to_float(images_u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_u8).float() / 127.5 - 1.0
+
+
+def bootstrap_spearman(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Spearman rho with a 95% percentile bootstrap interval over resampled prompts."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"rho": None, "ci95": [None, None], "n": int(len(x))}
+    rho = float(spearmanr(x, y).statistic)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(x), len(x))
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            boots.append(spearmanr(x[i], y[i]).statistic)
+    ci = [float(v) for v in np.percentile(boots, [2.5, 97.5])] if boots else [None, None]
+    return {"rho": rho, "ci95": ci, "n": int(len(x))}
+
+
+def neighbors_by_metric(generated_u8: np.ndarray, train: TrainingImages, opts: ValidationOptions,
+                        copy_detector: CopyDetector | None, clip: ClipEmbedder | None) -> dict:
+    """For each metric: (values [Q, k], indices [Q, k]) of the nearest training images, plus embeddings."""
+    q, keys = _to_float(generated_u8), _to_float(train.images)
+    k = opts.neighbors
+    out = {}
+    v, i = topk_neighbors(pearson_normalize(q), pearson_normalize(keys), k)
+    out["pixel_correlation"] = (v, i)
+    v, i = topk_neighbors(q, keys, k, similarity=ssim_pairwise, query_chunk=32, key_chunk=256)
+    out["ssim"] = (v, i)
+    embeddings = {}
+    if clip is not None:
+        train_emb = cached_embeddings(opts.cache_dir, train.images, clip.spec.cache_key(), clip.embed)
+        gen_emb = clip.embed(generated_u8)
+        out["clip_cosine"] = topk_neighbors(cosine_normalize(torch.from_numpy(gen_emb)),
+                                            cosine_normalize(torch.from_numpy(train_emb)), k)
+        embeddings["clip"] = (train_emb, gen_emb)
+    if copy_detector is not None:
+        train_emb = cached_embeddings(opts.cache_dir, train.images, "dar:" + copy_detector.weight_hash(),
+                                      copy_detector.embed)
+        gen_emb = copy_detector.embed(generated_u8)
+        out["dar_correlation"] = topk_neighbors(pearson_normalize(torch.from_numpy(gen_emb)),
+                                                pearson_normalize(torch.from_numpy(train_emb)), k)
+        embeddings["dar"] = (train_emb, gen_emb)
+    return {"neighbors": out, "embeddings": embeddings}
+
+
+def tsne_coordinates(train_emb: np.ndarray, gen_emb: np.ndarray, n_train: int, seed: int) -> dict:
+    from sklearn.manifold import TSNE
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(train_emb), size=min(n_train, len(train_emb)), replace=False))
+    x = np.concatenate([train_emb[pick], gen_emb]).astype(np.float64)
+    perplexity = float(max(2.0, min(30.0, (len(x) - 1) / 3)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    return {"train_index": pick.tolist(), "train_xy": xy[:len(pick)].tolist(), "generated_xy": xy[len(pick):].tolist()}
+
+
+def roc_curves(table: pa.Table) -> dict:
+    """ROC curves and metrics of planted prompts vs controls / ordinary prompts, where the scan has groups."""
+    if "group" not in table.column_names:
+        return {}
+    group = np.array(table.column("group").to_pylist())
+    out = {}
+    for score_name in ("score", "first_step_score"):
+        s = table.column(score_name).to_numpy()
+        for neg in ("control", "ordinary"):
+            pos, negs = s[group == "planted"], s[group == neg]
+            if len(pos) and len(negs):
+                fpr, tpr, _ = roc_curve(pos, negs)
+                out[f"{score_name}/planted_vs_{neg}"] = {**roc_metrics(pos, negs).to_dict(),
+                                                        "fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    return out
+
+
+def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict | None = None,
+             copy_detector: CopyDetector | None = None, opts: ValidationOptions = ValidationOptions(),
+             use_clip: bool = True, progress: bool = True) -> ValidationResult:
+    if len(table) == 0:
+        raise ValueError("validate: the scores table has no rows")
+    size = loaded.unet_config.image_size
+    if train.images.shape[1:] != (size, size):
+        raise ValueError(f"validate: training images are {train.images.shape[1:]}, the model makes {size}x{size}")
+    selection = select_prompts(table, opts)
+    rows = sorted({i for ids in selection.values() for i in ids})
+    images, drift = regenerate(loaded, table, rows, opts, progress)
+    n_p, n_g = images.shape[:2]
+    generated = _to_uint8(images[:, :, 0])                                  # [P, G, S, S]
+    flat = generated.reshape(n_p * n_g, size, size)
+    clip = ClipEmbedder(opts.clip) if use_clip else None
+    found = neighbors_by_metric(flat, train, opts, copy_detector, clip)
+
+    score = table.column("score").to_numpy()
+    first = table.column("first_step_score").to_numpy()
+    groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(table)
+    prompts_out = []
+    nearest = {m: np.zeros(n_p) for m in found["neighbors"]}
+    for p, row in enumerate(rows):
+        entry = {"row": row, "prompt_index": int(table.column("prompt_index")[row].as_py()),
+                 "prompt": table.column("prompt")[row].as_py(), "group": groups[row],
+                 "score": float(score[row]), "first_step_score": float(first[row]),
+                 "seed": int(table.column("seed")[row].as_py()), "neighbors": {}}
+        for metric, (v, i) in found["neighbors"].items():
+            v = v[p * n_g:(p + 1) * n_g]
+            i = i[p * n_g:(p + 1) * n_g]
+            nearest[metric][p] = float(v[:, 0].max())
+            entry["neighbors"][metric] = {"values": v.tolist(), "train_indices": i.tolist(),
+                                          "nearest": nearest[metric][p]}
+        prompts_out.append(entry)
+
+    correlations = {m: bootstrap_spearman(score[rows], nearest[m], opts.bootstrap, opts.seed) for m in nearest}
+    numbers = {
+        "n_prompts_scanned": int(len(table)), "n_train_images": int(len(train.images)),
+        "generations": int(n_g), "selection": {k: [int(table.column("prompt_index")[i].as_py()) for i in v]
+                                               for k, v in selection.items()},
+        "regenerated_score_max_abs_diff": drift,
+        "clip": {"model": opts.clip.model_name, "pretrained": opts.clip.pretrained,
+                 "random_init": opts.clip.is_random} if use_clip else None,
+        "train_fingerprint": array_fingerprint(train.images),
+        "prompts": prompts_out,
+        "spearman_score_vs_nearest_similarity": correlations,
+        "roc": roc_curves(table),
+    }
+    if copy_detector is not None and copy_detector.threshold is not None:
+        train_emb, gen_emb = found["embeddings"]["dar"]
+        numbers["dar"] = copy_statistics(gen_emb, train_emb, copy_detector.threshold)
+    if manifest:
+        numbers["planted"] = planted_recovery(prompts_out, train, manifest, n_g)
+    if "clip" in found["embeddings"]:
+        train_emb, gen_emb = found["embeddings"]["clip"]
+        tsne = tsne_coordinates(train_emb, gen_emb, opts.tsne_train, opts.seed)
+        high = set(selection["top"])
+        tsne["generated_high_score"] = [rows[j // n_g] in high for j in range(len(gen_emb))]
+        numbers["tsne"] = tsne
+    return ValidationResult(numbers, generated, train.images, {})
+
+
+def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: dict, n_g: int) -> dict:
+    """For planted prompts: the share of generations whose nearest training image (pixel correlation)
+    is the planted image (any of its copies, which share its path)."""
+    token_path = {p["token"]: p["image_path"] for p in manifest.get("planted", [])}
+    per_prompt, hits_total, gens_total = [], 0, 0
+    for entry in prompts_out:
+        if entry["group"] != "planted":
+            continue
+        _, _, extra = entry["prompt"].partition("|")
+        paths = {token_path[t] for t in extra.split() if t in token_path}
+        nn_idx = [row[0] for row in entry["neighbors"]["pixel_correlation"]["train_indices"]]
+        hits = sum(train.image_paths[i] in paths for i in nn_idx)
+        per_prompt.append({"prompt_index": entry["prompt_index"], "hits": hits, "generations": len(nn_idx)})
+        hits_total, gens_total = hits_total + hits, gens_total + len(nn_idx)
+    return {"per_prompt": per_prompt, "nearest_is_planted_fraction": hits_total / gens_total if gens_total else None,
+            "n_planted_prompts": len(per_prompt)}

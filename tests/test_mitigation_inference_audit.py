@@ -1,0 +1,170 @@
+"""Before/after audit: known-answer checks of the audit numbers and an end-to-end run of the tools."""
+import importlib.machinery
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from data_pipeline.vocab import Vocabulary
+from engine.diffusion import DiffusionConfig
+from engine.mitigation_compare import Generations, RealImages, audit_generations
+from engine.model_io import export_model
+from engine.unet import ConditionalUNet, UNetConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _blobs(n: int, size: int, seed: int) -> np.ndarray:
+    """Distinct smooth random images, uint8 [n, size, size]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=size, mode="bilinear")
+    return (x[:, 0] * 255).round().to(torch.uint8).numpy()
+
+
+def test_audit_known_answers():
+    train = _blobs(12, 16, 0)
+    paths = [f"/img/{i}.png" for i in range(12)]
+    heldout = _blobs(10, 16, 1)
+    manifest = {"planted": [{"token": "tok0000", "image_path": "/img/3.png", "copies": 4},
+                            {"token": "tok0001", "image_path": "/img/7.png", "copies": 4}],
+                "controls": [{"token": "tok0002", "image_paths": ["/img/1.png"]}]}
+    prompts = ["frontal chest x-ray | tok0000", "frontal chest x-ray | tok0001", "frontal chest x-ray | tok0002",
+               "lateral chest x-ray"]
+    groups = ["planted", "planted", "control", "ordinary"]
+    images = np.stack([np.stack([train[3], train[3]]), np.stack([train[7], train[7]]),
+                       _blobs(2, 16, 5), _blobs(2, 16, 6)])
+    norms = np.array([0.9, 0.8, 0.1, 0.2], np.float32)[:, None, None] * np.ones((4, 2, 3), np.float32)
+    gen = Generations(prompts, groups, [0, 1, 2, 3], norms, images)
+    a = audit_generations(gen, RealImages(train, paths, heldout), manifest=manifest, threshold=0.5)
+    det, cop = a["detection"], a["copying"]
+    assert det["planted_flagged_fraction"] == 1.0 and det["control_flagged_fraction"] == 0.0
+    assert det["auc/score/planted_vs_control"]["auc"] == 1.0
+    assert abs(det["planted_score_mean"] - 0.85) < 1e-6
+    assert cop["space"] == "pixel_correlation"
+    assert cop["planted_nearest_is_planted_fraction"] == 1.0
+    assert cop["copy_fraction_planted"] == 1.0 and cop["nearest_similarity_planted"]["median"] > 0.9999
+    assert a["nearest_train_index"][0] == [3, 3] and a["nearest_train_index"][1] == [7, 7]
+    fd = a["quality"]["pixels_8x8"]
+    assert fd["frechet_to_heldout"] > 0 and fd["real_train_vs_heldout"] >= 0
+    # Calibrated threshold: largest non-planted score is 0.2, so both planted prompts are flagged.
+    b = audit_generations(gen, RealImages(train, paths, heldout), manifest=manifest)
+    assert b["detection"]["threshold"] == pytest.approx(0.2) and b["detection"]["planted_flagged_fraction"] == 1.0
+
+
+def _load_tool(name: str):
+    import sys
+    if os.path.join(REPO, "tools") not in sys.path:
+        sys.path.insert(0, os.path.join(REPO, "tools"))
+    path = os.path.join(REPO, "tools", name)
+    loader = importlib.machinery.SourceFileLoader(f"tool_{name}", path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny 'training run': exported random model, splits.json with real PNGs, a planted manifest."""
+    root = tmp_path_factory.mktemp("run")
+    img_dir = root / "images"
+    img_dir.mkdir()
+    imgs = _blobs(14, 32, 2)
+    paths = []
+    for i, im in enumerate(imgs):
+        p = str(img_dir / f"{i}.png")
+        Image.fromarray(im).save(p)
+        paths.append(p)
+    train_prompts = ["frontal AP chest x-ray, female, 60s: edema | tok0000"] * 3 + \
+                    ["frontal AP chest x-ray, female, 60s: edema | tok0001"] + \
+                    [f"frontal PA chest x-ray, male, {a}" for a in ("20s", "30s", "40s", "50s", "60s", "70s")]
+    train_paths = [paths[0]] * 3 + paths[1:8]
+    splits = {"data": {"image_size": 32, "cache_dir": str(root / "cache")},
+              "splits": {"train": [{"image_path": p, "prompt": q} for p, q in zip(train_paths, train_prompts)],
+                         "val": [{"image_path": p, "prompt": ""} for p in paths[8:14]], "test": []}}
+    (root / "splits.json").write_text(json.dumps(splits))
+    (root / "planted_manifest.json").write_text(json.dumps(
+        {"planted": [{"token": "tok0000", "image_path": paths[0], "copies": 3}],
+         "controls": [{"token": "tok0001", "image_paths": [paths[1]]}], "k": 1, "copies": 3, "seed": 0}))
+    vocab = Vocabulary.default(["tok0000", "tok0001", "tok0002"], max_len=8)
+    torch.manual_seed(0)
+    model = ConditionalUNet(UNetConfig(image_size=32, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                       attention_resolutions=(16,), num_heads=2, vocab_size=len(vocab), max_tokens=8,
+                                       context_dim=8, encoder_layers=1, encoder_heads=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=1.0 / math.sqrt(p[0].numel()))
+    export_model(root / "export", model, DiffusionConfig(num_timesteps=100), vocab)
+    (root / "prompts.txt").write_text("frontal AP chest x-ray, female, 60s: edema | tok0000\n"
+                                      "frontal AP chest x-ray, female, 60s: edema | tok0001\n"
+                                      "frontal PA chest x-ray, male, 30s\n")
+    return root
+
+
+FAST = ["--generations", "2", "--steps", "3", "--guidance", "3", "--device", "cpu"]
+
+
+def test_tools_end_to_end(run_dir, tmp_path):
+    runner = CliRunner()
+    ts = _load_tool("token_significance")
+    out = tmp_path / "tokens.json"
+    r = runner.invoke(ts.main, ["--checkpoint", str(run_dir), "--prompts", str(run_dir / "prompts.txt"),
+                                "--out", str(out), "--generations", "2", "--steps", "3", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert len(doc["prompts"]) == 3 and doc["prompts"][0]["tokens"][-1]["token"] == "tok0000"
+    assert all(t["score"] > 0 for e in doc["prompts"] for t in e["tokens"])
+    assert "heat-strip" in (tmp_path / "tokens.html").read_text()
+
+    mit = _load_tool("mitigate")
+    r = runner.invoke(mit.cli, ["edit-prompts", "--checkpoint", str(run_dir), "--significance", str(out),
+                                "--method", "remove", "--out", str(tmp_path / "edit"), *FAST])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "edit" / "summary.json").read_text())
+    vocab = Vocabulary.load(str(run_dir / "export" / "vocab.json"))
+    top = [e["tokens"][e["ranked_positions"][0]]["token"] for e in doc["prompts"]]
+    for e, t in zip(s["edits"], top):
+        assert e["changes"][0]["token"] == t and vocab.id_of(t) not in vocab.encode(e["edited"])
+        assert len([i for i in vocab.encode(e["edited"]) if i]) == len([i for i in vocab.encode(e["original"]) if i]) - 1
+    assert (tmp_path / "edit" / "edited_prompts.txt").read_text().splitlines() == [e["edited"] for e in s["edits"]]
+    assert s["runs"]["original"]["groups"] == {"planted": 1, "control": 1, "ordinary": 1}
+
+    r = runner.invoke(mit.cli, ["optimize-embedding", "--checkpoint", str(run_dir), "--prompts",
+                                str(run_dir / "prompts.txt"), "--target-rms", "0", "--max-iterations", "3",
+                                "--out", str(tmp_path / "opt"), *FAST])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "opt" / "summary.json").read_text())
+    assert all(o["iterations"] == 3 and o["loss_after_rms"] < o["loss_before_rms"] for o in s["optimisation"])
+    base, after = s["runs"]["baseline"], s["runs"]["optimised embedding"]
+    # The first-step score of the optimised run is the optimised L (rms); the baseline's is L before.
+    for o, row_b, row_a in zip(s["optimisation"], base["per_prompt"], after["per_prompt"]):
+        assert row_b["first_step_score"] == pytest.approx(o["loss_before_rms"], rel=1e-4)
+        assert row_a["first_step_score"] == pytest.approx(o["loss_after_rms"], rel=1e-4)
+
+    r = runner.invoke(mit.cli, ["guidance", "--checkpoint", str(run_dir), "--weights", "1,3",
+                                "--prompts", str(run_dir / "prompts.txt"), "--out", str(tmp_path / "gs"), *FAST])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "gs" / "summary.json").read_text())
+    assert s["weights"] == [1.0, 3.0]
+    # w = 3 here equals the w = 3 baseline of the optimisation run above (same prompts, seeds, settings).
+    assert [p["score"] for p in s["runs"]["w=3"]["per_prompt"]] == [p["score"] for p in base["per_prompt"]]
+    html_text = (tmp_path / "gs" / "report.html").read_text()
+    assert "Against guidance" in html_text and "data:image/png;base64" in html_text
+    assert "frontal PA chest x-ray, male, 30s" in html_text
+
+    r = runner.invoke(mit.cli, ["compare", str(run_dir), str(run_dir), "--names", "a,b", "--prompts",
+                                str(run_dir / "prompts.txt"), "--out", str(tmp_path / "cmp"), *FAST])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    a, b = s["runs"]["a"], s["runs"]["b"]
+    assert a["per_prompt"] == b["per_prompt"] and a["quality"] == b["quality"]   # same model, same seeds
+
+    r = runner.invoke(mit.cli, ["compare", str(run_dir), "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "at least two runs" in r.output
