@@ -1,0 +1,446 @@
+"""The training config: one JSON file, validated into nested dataclasses before any work starts.
+
+    {"output_dir": "runs/cfg",
+     "deepspeed":    {micro-batch, accumulation, AdamW, ZeRO stage, bf16, clipping}  -> DeepSpeed
+     "data":         {...}                  -> data_pipeline.dataset.prepare_dataset (its own keys)
+     "model":        {...}                  -> engine.unet.UNetConfig
+     "diffusion":    {...}                  -> engine.diffusion.DiffusionConfig
+     "conditioning": {"p_uncond": 0.5}
+     "training":     {steps, cadences, seed, EMA}
+     "compile":      {enabled (null = on for CUDA), mode, backend}
+     "logging":      {TensorBoard, sample grids}
+     optional sections (augment, dp, screening, ...) default to null = off}
+
+Every error is one line naming the file and the key, e.g.
+    configs/x.json: training.steps: expected int > 0, got -3
+
+Adding a validated section is a dataclass plus one field on `TrainConfig`: fields are checked by
+their type hints, and `constrained(default, "what is expected", predicate)` adds a value check.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from data_pipeline.augment import AugmentConfig
+from data_pipeline.dataset import validate_data_config
+from engine.diffusion import DiffusionConfig
+from engine.dp_sgd import DPConfig, check_deepspeed_for_dp  # mitigation engineer A
+from engine.screening import ScreeningConfig  # mitigation engineer A
+from engine.unet import UNetConfig
+
+
+class ConfigError(ValueError):
+    """A one-line message `<file>: <key>: <problem>`."""
+
+
+def constrained(default: Any, expects: str, ok: Callable[[Any], bool], **kwargs) -> Any:
+    """A dataclass field whose value must satisfy `ok`; `expects` reads like `int > 0`."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"check": (expects, ok)}, **kwargs)
+    return field(default=default, metadata={"check": (expects, ok)}, **kwargs)
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class AdamWParams:
+    lr: float = constrained(1e-4, "float > 0", lambda v: v > 0)
+    betas: tuple[float, float] = constrained((0.9, 0.999), "two floats in [0, 1)",
+                                             lambda v: all(0 <= b < 1 for b in v))
+    eps: float = constrained(1e-8, "float > 0", lambda v: v > 0)
+    weight_decay: float = constrained(0.0, "float >= 0", lambda v: v >= 0)
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    type: Literal["AdamW"] = "AdamW"
+    params: AdamWParams = field(default_factory=AdamWParams)
+
+
+@dataclass(frozen=True)
+class SchedulerSection:
+    # DeepSpeed's schedulers; their params are checked by DeepSpeed itself at start-up.
+    type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest"] = "WarmupLR"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ZeroSection:
+    stage: int = constrained(0, "int in 0..3", lambda v: 0 <= v <= 3)
+    # Further ZeRO knobs (overlap_comm, reduce_bucket_size, offload_*) go to DeepSpeed unchanged and
+    # are validated there by its own config model when the config is loaded.
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BF16Section:
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    train_micro_batch_size_per_gpu: int = constrained(32, "int > 0", lambda v: v > 0)
+    gradient_accumulation_steps: int = constrained(1, "int > 0", lambda v: v > 0)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection | None = None
+    zero_optimization: ZeroSection = field(default_factory=ZeroSection)
+    bf16: BF16Section = field(default_factory=BF16Section)
+    gradient_clipping: float = constrained(1.0, "float >= 0 (0 = off)", lambda v: v >= 0)
+    steps_per_print: int = constrained(10**9, "int > 0", lambda v: v > 0)
+
+    def to_deepspeed(self) -> dict:
+        """The dict handed to deepspeed.initialize (DeepSpeed's own key names)."""
+        ds = {
+            "train_micro_batch_size_per_gpu": self.train_micro_batch_size_per_gpu,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "optimizer": {"type": self.optimizer.type, "params": {**dataclasses.asdict(self.optimizer.params),
+                                                                  "betas": list(self.optimizer.params.betas)}},
+            "zero_optimization": {"stage": self.zero_optimization.stage, **self.zero_optimization.options},
+            "bf16": {"enabled": self.bf16.enabled},
+            "gradient_clipping": self.gradient_clipping,
+            "steps_per_print": self.steps_per_print,
+        }
+        if self.scheduler is not None:
+            ds["scheduler"] = {"type": self.scheduler.type, "params": dict(self.scheduler.params)}
+        return ds
+
+
+@dataclass(frozen=True)
+class ConditioningSection:
+    # Classifier-free guidance training: replace the prompt by the null prompt with this probability.
+    p_uncond: float = constrained(0.1, "float in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    steps: int = constrained(1000, "int > 0", lambda v: v > 0)
+    seed: int = constrained(0, "int in [0, 2^31)", lambda v: 0 <= v < 2**31)
+    log_every: int = constrained(50, "int > 0", lambda v: v > 0)
+    sample_every: int = constrained(1000, "int >= 0 (0 = only at the end)", lambda v: v >= 0)
+    checkpoint_every: int = constrained(1000, "int >= 0 (0 = only at the end)", lambda v: v >= 0)
+    keep_checkpoints: int = constrained(2, "int >= 1", lambda v: v >= 1)
+    ema_decay: float = constrained(0.999, "float in [0, 1)", lambda v: 0 <= v < 1)
+    # decay_t = min(ema_decay, (1 + t) / (10 + t)): early averages do not drag the random init along.
+    ema_warmup: bool = True
+    channels_last: bool = False
+    # Batches: DALI where it loads (GPU), else the PyTorch path; both give the same stream.
+    loader: Literal["auto", "dali", "torch"] = "auto"
+
+
+@dataclass(frozen=True)
+class CompileSection:
+    enabled: bool | None = None   # null: on when training on CUDA, off on CPU
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    backend: str = "inductor"
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    tensorboard: bool = True
+    progress: bool = True
+    # Sample grids: the first `sample_prompts` prompts of `sample_split` x `sample_seeds`, at every
+    # guidance weight (CFG models) or at w = 1 only (models trained without the null prompt).
+    sample_split: Literal["train", "val", "test"] = "val"
+    sample_prompts: int = constrained(4, "int >= 1", lambda v: v >= 1)
+    sample_seeds: tuple[int, ...] = constrained((0, 1, 2, 3), "a non-empty list of ints >= 0",
+                                                lambda v: len(v) > 0 and all(s >= 0 for s in v))
+    sample_guidance: tuple[float, ...] = constrained((1.0, 3.0, 7.5), "a non-empty list of floats >= 0",
+                                                     lambda v: len(v) > 0 and all(w >= 0 for w in v))
+    sample_steps: int = constrained(50, "int >= 1", lambda v: v >= 1)
+    sample_sampler: Literal["ddim", "ddpm"] = "ddim"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/default"
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    data: dict = field(default_factory=dict)   # data_pipeline's keys, passed to prepare_dataset
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    conditioning: ConditioningSection = field(default_factory=ConditioningSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    compile: CompileSection = field(default_factory=CompileSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    # Mitigation sections (null = off). Each owner replaces `dict | None` by its dataclass.
+    augment: AugmentConfig | None = None
+    dp: DPConfig | None = None                 # engine.dp_sgd (mitigation engineer A)
+    screening: ScreeningConfig | None = None   # engine.screening (mitigation engineer A)
+
+    def to_dict(self) -> dict:
+        return _to_jsonable(self)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _type_name(tp: Any) -> str:
+    if tp is Any:
+        return "any value"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        inner = _type_name(args[0]) if args else "value"
+        return f"a list of {inner}" + ("s" if not inner.endswith("s") else "")
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {int: "int", float: "float", str: "string", bool: "bool", dict: "an object"}.get(tp, str(tp))
+
+
+def _got(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Invalid(Exception):
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        # Messages from UNetConfig / DiffusionConfig already start with their key ("model.x: ...").
+        super().__init__(message if message.startswith((key + ".", key + ":")) else f"{key}: {message}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """`value` (parsed JSON) as type `tp`, or _Invalid naming `key`."""
+    fail = _Invalid(key, f"expected {_type_name(tp)}, got {_got(value)}")
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise fail
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except _Invalid as exc:
+                if exc.key != key:   # the problem is inside the value: report it where it is
+                    raise
+        raise fail
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise fail
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise fail
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Invalid(key, f"expected {len(args)} values, got {len(value)}")
+            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            inner = args[0] if args else Any
+            items = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin or tp) is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise fail
+    raise _Invalid(key, f"cannot check values of type {tp}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a JSON object, checking keys, types and constraints."""
+    if not isinstance(raw, dict):
+        raise _Invalid(prefix or "(top level)", f"expected an object, got {_got(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name in raw:
+        if name not in fields:
+            where = f"{prefix}.{name}" if prefix else name
+            raise _Invalid(where, f"unknown key (expected one of: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        value = _convert(raw[name], hints[name], key)
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            expects, ok = check
+            if not ok(value):
+                raise _Invalid(key, f"expected {expects}, got {_got(raw[name])}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        # UNetConfig / DiffusionConfig check themselves and already name the key ("model.x: ...").
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # (mitigation engineer A) key the error by the field it names, so an optional section
+        # (`X | None`) reports the field instead of "expected an object or null"
+        named = message.split(":", 1)[0]
+        if prefix and named.startswith(prefix + ".") and " " not in named and ": " in message:
+            raise _Invalid(named, message.split(": ", 1)[1]) from None
+        raise _Invalid(prefix or "(top level)", message) from None
+
+
+def _check_zero_options(cfg: TrainConfig) -> None:
+    options = {"stage": cfg.deepspeed.zero_optimization.stage, **cfg.deepspeed.zero_optimization.options}
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        return
+    try:
+        DeepSpeedZeroConfig(**options)
+    except Exception as exc:  # pydantic's ValidationError: first line names the problem
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[2] if len(lines) > 2 else lines[-1]
+        bad = lines[1] if len(lines) > 1 else "?"
+        raise _Invalid(f"deepspeed.zero_optimization.{bad}", detail) from None
+
+
+def _check_data(cfg: TrainConfig) -> TrainConfig:
+    """The data section is data_pipeline's: its own validator fills defaults and names bad keys."""
+    try:
+        data = validate_data_config(cfg.data)
+    except ValueError as exc:
+        message = str(exc).splitlines()[0]
+        key = message.split(":", 1)[0] if message.startswith("data") else "data"
+        raise _Invalid(key, message) from None
+    return dataclasses.replace(cfg, data=data)
+
+
+def _check_consistency(cfg: TrainConfig) -> None:
+    """Checks that span sections."""
+    size = cfg.data["image_size"]
+    if size != cfg.model.image_size:
+        raise _Invalid("model.image_size", f"expected data.image_size ({size}), got {cfg.model.image_size}")
+
+
+# --- mitigation engineer A: cross-section checks of dp / screening -------------------------------
+def _check_mitigations(cfg: TrainConfig) -> None:
+    if cfg.dp is not None and cfg.dp.enabled:
+        try:
+            check_deepspeed_for_dp(cfg.deepspeed.to_deepspeed())
+        except ValueError as exc:
+            key, _, message = str(exc).partition(": ")
+            raise _Invalid(key, message) from None
+        if cfg.model.grad_checkpointing:
+            raise _Invalid("model.grad_checkpointing", "expected false with dp.enabled (per-sample norms need "
+                                                       "the recorded activations)")
+        if cfg.screening is not None and cfg.screening.enabled:
+            raise _Invalid("screening.enabled", "expected false with dp.enabled (screening looks at each "
+                                                "sample's data outside the clipped gradient: no DP guarantee)")
+# --- end mitigation engineer A --------------------------------------------------------------------
+
+
+def _pull_zero_options(raw: dict) -> dict:
+    """ZeRO knobs other than `stage` are written flat in JSON, as DeepSpeed users expect."""
+    ds = raw.get("deepspeed")
+    if isinstance(ds, dict) and isinstance(ds.get("zero_optimization"), dict):
+        zero = dict(ds["zero_optimization"])
+        options = {k: zero.pop(k) for k in list(zero) if k not in ("stage", "options")}
+        if options:
+            zero["options"] = {**zero.get("options", {}), **options}
+        raw = {**raw, "deepspeed": {**ds, "zero_optimization": zero}}
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.steps=10` -> (["training", "steps"], 10); values are JSON, else plain strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.sub=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text}: empty key component")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set single values in the raw JSON tree (creating missing objects: validation judges them)."""
+    raw = json.loads(json.dumps(raw))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(parts[:i + 1])} is not an object")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
+    try:
+        cfg = _build(TrainConfig, _pull_zero_options(raw), "")
+        cfg = _check_data(cfg)
+        _check_zero_options(cfg)
+        _check_consistency(cfg)
+        _check_mitigations(cfg)
+    except _Invalid as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read, override and validate a training config; raises ConfigError with a one-line message."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    try:
+        raw = apply_overrides(raw, list(overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config_from_dict(raw, str(path))
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def resolved_json(cfg: TrainConfig) -> str:
+    """The fully resolved config (defaults filled in), as saved into the run directory."""
+    d = cfg.to_dict()
+    zero = d["deepspeed"]["zero_optimization"]
+    d["deepspeed"]["zero_optimization"] = {"stage": zero["stage"], **zero["options"]}
+    return json.dumps(d, indent=2)

@@ -1,0 +1,443 @@
+"""DP-SGD for the conditional diffusion model: Poisson batches, per-sample clipping, one noise draw.
+
+One private step on the global Poisson batch S (each of the N training examples included
+independently with probability q; |S| varies, E|S| = qN):
+
+    g_i  = grad of loss_i (the diffusion loss of example i, averaged over its K noise draws)
+    G    = ( sum_{i in S} min(1, C / (||g_i|| + 1e-6)) g_i  +  N(0, sigma^2 C^2 I) ) / (q N)
+
+Dividing by the *expected* batch size qN (not |S|) keeps the sensitivity of the released sum
+at C: that is what the accountant (engine.privacy) assumes.
+
+How it is computed:
+  * norms: `kernels.dp_clip.PerSampleNormHooks` ("ghost" norms from each layer's activations and
+    output gradients, no per-sample gradient materialised), then the re-weighted backward of
+    sum_i c_i loss_i. When the model has a layer without a per-sample rule, or K > 1 (one image
+    is K rows of the network batch, which the hooks do not group), the exact fallback "vmap" forms
+    per-sample gradients with torch.func in chunks of samples (memory: chunk x parameters).
+  * several ranks: every rank clips its own samples, the clipped sums are all-reduced (SUM), and
+    the noise is added AFTER the reduction on every rank from the same Philox seed, so it is added
+    once for the global batch and every rank holds the same gradient. With the same samples this is
+    the single-process computation (up to summation order).
+  * randomness of the loss (t and eps per example) is drawn from (seed, step, example index), not
+    from the position in the local batch, so sharding the batch over ranks does not change it.
+
+DeepSpeed: our all-reduce replaces DeepSpeed's; the trainer calls `DPSGD.backward` on
+`engine.module` instead of `engine.backward`, then `engine.step()`, with ZeRO stage 0,
+gradient_accumulation_steps 1 and fp32 (`check_deepspeed_for_dp` rejects anything else). Stages >= 1 reduce,
+average or partition gradients inside DeepSpeed's backward/step, which would average our noisy sum
+or drop the noise onto one partition.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.diffusion import NoiseSchedule, loss_weights, per_sample_loss, q_sample, target_for
+from engine.privacy import ACCOUNTANTS, solve_noise_multiplier
+from engine.sampling import null_tokens_like
+from kernels.dp_clip import PerSampleNormHooks, add_noise_and_scale_, clip_factors
+
+log = logging.getLogger(__name__)
+NORM_METHODS = ("auto", "ghost", "vmap")
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class DPConfig:
+    """The `dp` section of a training config. Give noise_multiplier OR target_epsilon, and
+    sample_rate OR expected_batch_size (q = expected_batch_size / N)."""
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: str = "prv"
+    sample_rate: float | None = None
+    expected_batch_size: int | None = None
+    noise_multiplicity: int = 1
+    norm_method: str = "auto"
+    vmap_chunk: int = 16
+    secure_noise_seed: bool = False  # draw the noise seed from the OS (rank 0, broadcast) instead of (seed, step)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> None:
+            raise ValueError(f"dp.{key}: {why}, got {getattr(self, key)!r}")
+        if not isinstance(self.enabled, bool):
+            bad("enabled", "expected true/false")
+        if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
+            bad("clip_norm", "expected a number > 0")
+        if self.noise_multiplier is not None and not (isinstance(self.noise_multiplier, (int, float))
+                                                      and self.noise_multiplier >= 0):
+            bad("noise_multiplier", "expected a number >= 0")
+        if self.target_epsilon is not None and not (isinstance(self.target_epsilon, (int, float))
+                                                    and self.target_epsilon > 0):
+            bad("target_epsilon", "expected a number > 0")
+        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            bad("delta", "expected 0 < delta < 1")
+        if self.accountant not in ACCOUNTANTS:
+            bad("accountant", f"expected one of {ACCOUNTANTS}")
+        if self.sample_rate is not None and not (isinstance(self.sample_rate, (int, float))
+                                                 and 0 < self.sample_rate <= 1):
+            bad("sample_rate", "expected 0 < q <= 1")
+        if self.expected_batch_size is not None and not (isinstance(self.expected_batch_size, int)
+                                                         and self.expected_batch_size >= 1):
+            bad("expected_batch_size", "expected an integer >= 1")
+        if not (isinstance(self.noise_multiplicity, int) and self.noise_multiplicity >= 1):
+            bad("noise_multiplicity", "expected an integer >= 1")
+        if self.norm_method not in NORM_METHODS:
+            bad("norm_method", f"expected one of {NORM_METHODS}")
+        if not (isinstance(self.vmap_chunk, int) and self.vmap_chunk >= 1):
+            bad("vmap_chunk", "expected an integer >= 1")
+        if self.enabled:
+            if (self.noise_multiplier is None) == (self.target_epsilon is None):
+                raise ValueError("dp.noise_multiplier: give exactly one of dp.noise_multiplier and dp.target_epsilon")
+            if (self.sample_rate is None) == (self.expected_batch_size is None):
+                raise ValueError("dp.sample_rate: give exactly one of dp.sample_rate and dp.expected_batch_size")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DPConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"dp.{key}: unknown key (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resolve(self, num_examples: int, planned_steps: int) -> "ResolvedDP":
+        """Fix q and sigma for a dataset of `num_examples` and a run of `planned_steps` steps."""
+        if num_examples < 1:
+            raise ValueError(f"dp: the training split is empty (num_examples={num_examples})")
+        q = self.sample_rate if self.sample_rate is not None else self.expected_batch_size / num_examples
+        if not 0 < q <= 1:
+            raise ValueError(f"dp.expected_batch_size: {self.expected_batch_size} exceeds the {num_examples} "
+                             f"training examples")
+        sigma = self.noise_multiplier
+        if sigma is None:
+            sigma = solve_noise_multiplier(self.target_epsilon, q, planned_steps, self.delta, self.accountant)
+        return ResolvedDP(self, float(q), float(q) * num_examples, float(sigma), num_examples)
+
+
+@dataclass(frozen=True)
+class ResolvedDP:
+    cfg: DPConfig
+    sample_rate: float
+    expected_batch_size: float   # q N: the divisor of the noisy sum
+    noise_multiplier: float
+    num_examples: int
+
+
+def check_deepspeed_for_dp(ds_config: dict | None) -> None:
+    """One-line error unless DeepSpeed leaves gradient reduction to DP-SGD (ZeRO 0, no accumulation)."""
+    if not ds_config:
+        return
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage != 0:
+        raise ValueError(f"deepspeed.zero_optimization.stage: DP-SGD needs stage 0 (stage {stage} averages or "
+                         f"partitions gradients inside DeepSpeed, breaking the single noise draw)")
+    gas = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
+    if gas != 1:
+        raise ValueError(f"deepspeed.gradient_accumulation_steps: DP-SGD needs 1 (one Poisson batch per step), got {gas}")
+    for key in ("fp16", "bf16"):
+        # DeepSpeed's mixed-precision optimizers keep their own gradient buffers filled by its backward
+        if (ds_config.get(key) or {}).get("enabled", False):
+            raise ValueError(f"deepspeed.{key}.enabled: DP-SGD runs its own backward and needs fp32 (set false)")
+
+
+# ----------------------------------------------------------------------------- Poisson sampling
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) & (2**63 - 1) for k in key]))
+
+
+def poisson_indices(num_examples: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
+    """The global batch of `step`: each example kept independently with prob q; sorted int64 indices.
+
+    Deterministic in (seed, step), identical on every rank, so resuming and sharding reproduce it."""
+    keep = _rng(seed, step, 0x9015).random(num_examples) < sample_rate
+    return torch.from_numpy(np.flatnonzero(keep)).long()
+
+
+def shard_indices(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's share of a global batch (strided, so shares differ in size by at most one)."""
+    return indices[rank::world_size]
+
+
+def poisson_batches(images: np.ndarray | torch.Tensor, tokens: torch.Tensor, sample_rate: float, *, seed: int,
+                    rank: int = 0, world_size: int = 1, start_step: int = 0, augment=None,
+                    device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Infinite stream of this rank's (images float [-1,1] [b,1,S,S], tokens [b,L], index [b]) per step.
+
+    images: uint8 [N, S, S] (SplitData.images); b may be 0 on a step. `augment` is an
+    `AugmentConfig` applied by `data_pipeline.augment.augment_batch` with a (seed, step, rank) generator.
+    """
+    images = torch.as_tensor(images)
+    n = images.shape[0]
+    step = start_step
+    while True:
+        idx = shard_indices(poisson_indices(n, sample_rate, seed, step), rank, world_size)
+        x = images[idx].to(torch.float32).div(127.5).sub(1.0).unsqueeze(1)
+        if augment is not None and len(idx):
+            from data_pipeline.augment import augment_batch  # noqa: PLC0415 - only when augmenting
+            gen = torch.Generator().manual_seed(int(_rng(seed, step, rank, 0xA06).integers(2**62)))
+            x = augment_batch(x, augment, gen)
+        yield x.to(device), tokens[idx].to(device), idx.to(device)
+        step += 1
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def diffusion_inputs(index: torch.Tensor, image_shape: tuple[int, ...], num_timesteps: int, *, seed: int,
+                     step: int, multiplicity: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t [b, K] int64, noise [b, K, *image_shape], u [b] uniform for the CFG drop) from
+    (seed, step, example index): the same whichever rank or batch position the example lands on."""
+    ts, noises, us = [], [], []
+    for i in index.tolist():
+        g = torch.Generator().manual_seed(int(_rng(seed, step, i, 0xD1F).integers(2**62)))
+        us.append(torch.rand((), generator=g))
+        ts.append(torch.randint(0, num_timesteps, (multiplicity,), generator=g))
+        noises.append(torch.randn((multiplicity, *image_shape), generator=g))
+    if not ts:
+        return (torch.zeros(0, multiplicity, dtype=torch.long), torch.zeros(0, multiplicity, *image_shape),
+                torch.zeros(0))
+    return torch.stack(ts), torch.stack(noises), torch.stack(us)
+
+
+def make_dp_batch(x0: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, schedule: NoiseSchedule, *,
+                  seed: int, step: int, multiplicity: int = 1, p_uncond: float = 0.0) -> Batch:
+    """The inputs of `diffusion_loss_fn` for this rank's examples; prompts are replaced by the null
+    prompt with probability p_uncond (classifier-free guidance training), decided per example."""
+    t, noise, u = diffusion_inputs(index.cpu(), tuple(x0.shape[1:]), schedule.num_timesteps, seed=seed, step=step,
+                                   multiplicity=multiplicity)
+    if p_uncond > 0 and len(u):
+        drop = (u < p_uncond).to(tokens.device)
+        tokens = torch.where(drop[:, None], null_tokens_like(tokens), tokens)
+    return {"x0": x0, "tokens": tokens, "t": t.to(x0.device), "noise": noise.to(x0.device, x0.dtype)}
+
+
+def diffusion_loss_fn(schedule: NoiseSchedule, parameterization: str = "eps",
+                      min_snr_gamma: float | None = None) -> LossFn:
+    """loss_fn(model, batch) -> [b]: the training loss of each example, averaged over its K draws."""
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        b, k = batch["t"].shape
+        x0 = batch["x0"].repeat_interleave(k, dim=0)
+        tokens = batch["tokens"].repeat_interleave(k, dim=0)
+        t, noise = batch["t"].reshape(-1), batch["noise"].flatten(0, 1)
+        x_t = q_sample(x0, t, noise, schedule)
+        pred = model(x_t, t, tokens)
+        target = target_for(x0, noise, t, schedule, parameterization)
+        weights = loss_weights(t, schedule, parameterization, min_snr_gamma)
+        return per_sample_loss(pred, target, weights).reshape(b, k).mean(dim=1)
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- the step
+
+class _LossModule(nn.Module):
+    """Wraps (model, loss_fn) so torch.func.functional_call can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def _vmap_clipped_sum(model: nn.Module, loss_fn: LossFn, batch: Batch, clip_norm: float,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-sample gradients (torch.func) chunk by chunk; .grad <- sum_i c_i g_i. Returns (norms, losses)."""
+    from torch.func import functional_call, grad_and_value, vmap  # noqa: PLC0415
+
+    wrapper = _LossModule(model, loss_fn)
+    names = [n for n, p in wrapper.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in wrapper.named_parameters() if p.requires_grad}
+
+    def one(p: dict, sample: Batch) -> torch.Tensor:
+        return functional_call(wrapper, p, ({k: v.unsqueeze(0) for k, v in sample.items()},)).squeeze(0)
+
+    per_sample = vmap(grad_and_value(one), in_dims=(None, 0), randomness="different")
+    sums = {n: torch.zeros_like(params[n]) for n in names}
+    norms, losses = [], []
+    b = next(iter(batch.values())).shape[0]
+    for s in range(0, b, chunk):
+        with warnings.catch_warnings():  # SDPA has no vmap batching rule: torch warns on every call
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            grads, loss = per_sample(params, {k: v[s:s + chunk] for k, v in batch.items()})
+        sq = sum(grads[n].flatten(1).double().pow(2).sum(1) for n in names)
+        norm = sq.sqrt().to(loss.dtype)
+        c = clip_factors(norm, clip_norm)
+        for n in names:
+            sums[n] += torch.tensordot(c.to(grads[n].dtype), grads[n], dims=1)
+        norms.append(norm)
+        losses.append(loss.detach())
+    for n, p in wrapper.named_parameters():
+        if p.requires_grad:
+            p.grad = sums[n]
+    return torch.cat(norms), torch.cat(losses)
+
+
+class DPSGD:
+    """Replaces `loss.backward()` of a training step; the caller then runs `optimizer.step()`.
+
+        dp = DPSGD(model, resolved, seed=cfg.seed)
+        stats = dp.backward(loss_fn, batch, step)     # batch from make_dp_batch, this rank's samples
+
+    After `backward`, every trainable parameter's .grad holds the noisy, clipped, reduced mean
+    gradient (the same on every rank); previous .grad values are discarded.
+    """
+
+    def __init__(self, model: nn.Module, resolved: ResolvedDP, *, seed: int,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        cfg = resolved.cfg
+        if getattr(getattr(model, "cfg", None), "grad_checkpointing", False):
+            raise ValueError("model.grad_checkpointing: not supported with dp.enabled (per-sample norms need the "
+                             "recorded activations)")
+        self.model, self.resolved, self.cfg, self.seed = model, resolved, cfg, int(seed)
+        self.group = process_group
+        self.method = cfg.norm_method
+        self.hooks: PerSampleNormHooks | None = None
+        if self.method == "auto" and cfg.noise_multiplicity > 1:
+            self.method = "vmap"  # the hooks see K rows per sample and have no grouping rule
+        if self.method == "ghost" and cfg.noise_multiplicity > 1:
+            raise ValueError("dp.norm_method: 'ghost' does not support dp.noise_multiplicity > 1; use 'vmap' or 'auto'")
+        if self.method in ("auto", "ghost"):
+            try:
+                self.hooks = PerSampleNormHooks(model)
+            except ValueError as exc:
+                if self.method == "ghost":
+                    raise
+                self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
+        log.warning("DP-SGD: ghost per-sample norms unavailable (%s); using exact torch.func per-sample "
+                    "gradients (slower, more memory)", str(exc).splitlines()[0])
+        if self.hooks is not None:
+            self.hooks.remove()
+        self.hooks, self.method = None, "vmap"
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
+
+    def noise_seed(self, step: int) -> int:
+        """The Philox seed of this step's noise, identical on every rank."""
+        if not self.cfg.secure_noise_seed:
+            return int(_rng(self.seed, step, 0x4015E).integers(2**62))
+        s = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
+        if self.world_size > 1:
+            # gloo/nccl need the tensor on the backend's device; the model's device is right for both
+            s = s.to(next(self.model.parameters()).device)
+            dist.broadcast(s, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return int(s.item())
+
+    def _local_clipped_sum(self, loss_fn: LossFn, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method == "vmap":
+            return _vmap_clipped_sum(self.model, loss_fn, batch, self.cfg.clip_norm, self.cfg.vmap_chunk)
+        losses = loss_fn(self.model, batch)
+        try:
+            norms = self.hooks.clipped_backward(losses, self.cfg.clip_norm)
+        except ValueError as exc:
+            if self.method == "ghost":
+                raise
+            # a layer failed a runtime check (e.g. unbatched call): redo this step exactly, then stay on vmap
+            self._fall_back(exc)
+            for p in self.model.parameters():
+                p.grad = None
+            return self._local_clipped_sum(loss_fn, batch)
+        return norms.detach(), losses.detach()
+
+    def backward(self, loss_fn: LossFn, batch: Batch, step: int) -> dict[str, float]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        local_b = next(iter(batch.values())).shape[0]
+        device = params[0].device
+        if local_b > 0:
+            norms, losses = self._local_clipped_sum(loss_fn, batch)
+        else:  # an empty Poisson share still takes part in the reduction and gets the noise
+            norms = losses = torch.zeros(0, device=device)
+            if self.hooks is not None:
+                self.hooks.discard()
+        for p in params:
+            if p.grad is None:  # unused by this batch (or empty batch): a zero contribution
+                p.grad = torch.zeros_like(p)
+            elif not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+        c = clip_factors(norms, self.cfg.clip_norm) if local_b else norms
+        totals = torch.stack([torch.tensor(float(local_b), device=device), (c < 1).sum().to(device, torch.float32),
+                              norms.sum().float(), losses.sum().float()])
+        # One flat buffer: one all-reduce (gradients + stats) and one noise call. The noise of element k
+        # of the concatenated gradients is Philox(seed, k) either way, so flat or per-tensor is the same draw.
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [totals.to(params[0].grad.dtype)])
+        if self.world_size > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        grad_flat, totals = flat[:-totals.numel()], flat[-totals.numel():].float()
+        add_noise_and_scale_([grad_flat], self.resolved.noise_multiplier, self.cfg.clip_norm,
+                             self.resolved.expected_batch_size, self.noise_seed(step))
+        offset = 0
+        for p in params:
+            p.grad.copy_(grad_flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        n = max(float(totals[0]), 1.0)
+        return {"dp/batch_size": float(totals[0]), "dp/clipped_fraction": float(totals[1]) / n,
+                "dp/grad_norm_mean": float(totals[2]) / n, "loss": float(totals[3]) / n,
+                "dp/noise_std": self.resolved.noise_multiplier * self.cfg.clip_norm / self.resolved.expected_batch_size}
+
+
+
+class DPTraining:
+    """Everything the trainer holds when `dp.enabled`: the Poisson stream of this rank's examples,
+    the DP-SGD backward and the accountant. Per optimizer step the trainer calls `backward(step)`
+    (instead of its micro-batch loop) and then `engine.step()`."""
+
+    def __init__(self, cfg: DPConfig, module: nn.Module, split, schedule: NoiseSchedule, *, parameterization: str,
+                 min_snr_gamma: float | None, p_uncond: float, seed: int, rank: int, world_size: int,
+                 start_step: int, total_steps: int, augment=None, device: str | torch.device = "cpu") -> None:
+        from engine.privacy import PrivacyAccountant  # noqa: PLC0415
+        self.resolved = cfg.resolve(len(split.images), total_steps)
+        self.cfg, self.schedule, self.seed, self.p_uncond = cfg, schedule, seed, p_uncond
+        self.dp = DPSGD(module, self.resolved, seed=seed)
+        self.loss_fn = diffusion_loss_fn(schedule, parameterization, min_snr_gamma)
+        self.accountant = PrivacyAccountant(self.resolved.noise_multiplier, self.resolved.sample_rate, cfg.delta,
+                                            cfg.accountant, steps=start_step)
+        self.batches = poisson_batches(split.images, split.tokens, self.resolved.sample_rate, seed=seed, rank=rank,
+                                       world_size=world_size, start_step=start_step, augment=augment, device=device)
+        self.last: dict[str, float] = {}
+
+    def describe(self) -> str:
+        r = self.resolved
+        how = f"target epsilon {self.cfg.target_epsilon:g}" if self.cfg.target_epsilon is not None else "given"
+        return (f"dp: sigma {r.noise_multiplier:.4g} ({how}), clip {self.cfg.clip_norm:g}, q {r.sample_rate:.4g} "
+                f"(expected batch {r.expected_batch_size:.4g}), K {self.cfg.noise_multiplicity}, delta "
+                f"{self.cfg.delta:g}, {self.cfg.accountant} accountant, norms by {self.dp.method}")
+
+    def backward(self, step: int) -> torch.Tensor:
+        """One DP-SGD backward for optimizer step `step`; returns the batch's mean loss (a 0-d tensor)."""
+        x0, tokens, index = next(self.batches)
+        batch = make_dp_batch(x0, tokens, index, self.schedule, seed=self.seed, step=step,
+                              multiplicity=self.cfg.noise_multiplicity, p_uncond=self.p_uncond)
+        self.last = self.dp.backward(self.loss_fn, batch, step)
+        self.accountant.step()
+        return torch.tensor(self.last["loss"])
+
+    def log_fields(self) -> dict[str, float]:
+        fields = {k: v for k, v in self.last.items() if k.startswith("dp/")}
+        return {**fields, "dp/epsilon": self.accountant.epsilon(), "dp/delta": self.cfg.delta}
+
+    def summary(self) -> dict:
+        return self.accountant.summary()

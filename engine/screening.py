@@ -1,0 +1,126 @@
+"""Training-time screening (Wen et al. 2024, the training-time mitigation): drop samples whose
+conditional-noise magnitude L = ||eps_cond - eps_uncond||_2 at their own t exceeds tau.
+
+A sample the model has started to memorise has a prompt that pulls the prediction far from the
+unconditional one; removing it from the loss stops the memorisation from deepening. L is computed
+under no_grad from the same x_t and t the loss uses. If the trainer already has the conditional
+prediction (detached) it passes it, and only the unconditional half is evaluated; otherwise one
+batched [cond; uncond] forward gives both. `units` picks raw L (sum over C*H*W) or RMS
+(L / sqrt(C*H*W)), which transfers across resolutions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from engine.diffusion import NoiseSchedule, eps_from_prediction
+from engine.sampling import null_tokens_like
+
+UNITS = ("raw", "rms")
+
+
+@dataclass(frozen=True)
+class ScreeningConfig:
+    """The `screening` section of a training config."""
+    enabled: bool = False
+    tau: float = 0.0
+    units: str = "rms"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"screening.enabled: expected true/false, got {self.enabled!r}")
+        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or not math.isfinite(self.tau) \
+                or self.tau < 0 or (self.enabled and self.tau == 0):
+            raise ValueError(f"screening.tau: expected a finite number > 0, got {self.tau!r}")
+        if self.units not in UNITS:
+            raise ValueError(f"screening.units: expected one of {UNITS}, got {self.units!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ScreeningConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"screening.{key}: unknown key (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ScreenResult:
+    keep: torch.Tensor        # [B] bool: samples that stay in the loss
+    magnitude: torch.Tensor   # [B] L in the configured units
+    fraction_dropped: float
+
+
+@torch.no_grad()
+def conditional_noise_magnitude(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+                                schedule: NoiseSchedule, parameterization: str = "eps",
+                                pred_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (raw [B], rms [B]) ||eps_cond - eps_uncond||_2 at each sample's own t.
+
+    `pred_cond`: the model's conditional output for (x_t, t, tokens) if already computed (it is
+    detached here); then only the unconditional forward runs.
+    """
+    null = null_tokens_like(tokens)
+    if pred_cond is None:
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([tokens, null]))
+        pred_cond, pred_uncond = out.chunk(2)
+    else:
+        pred_uncond = model(x_t, t, null)
+    eps_c = eps_from_prediction(pred_cond.detach().float(), x_t.float(), t, schedule, parameterization)
+    eps_u = eps_from_prediction(pred_uncond.float(), x_t.float(), t, schedule, parameterization)
+    raw = (eps_c - eps_u).flatten(1).norm(dim=1)
+    return raw, raw / math.sqrt(x_t[0].numel())
+
+
+def screen(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, cfg: ScreeningConfig,
+           schedule: NoiseSchedule, parameterization: str = "eps",
+           pred_cond: torch.Tensor | None = None) -> ScreenResult:
+    """keep = L <= tau. The trainer multiplies the per-sample loss by `keep` (or indexes the batch)
+    and skips the optimizer step when keep is all False."""
+    raw, rms = conditional_noise_magnitude(model, x_t, t, tokens, schedule, parameterization, pred_cond)
+    mag = raw if cfg.units == "raw" else rms
+    keep = mag <= cfg.tau
+    dropped = 1.0 - float(keep.float().mean()) if keep.numel() else 0.0
+    return ScreenResult(keep=keep, magnitude=mag, fraction_dropped=dropped)
+
+
+def screened_mean(per_sample_loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the kept samples (0 with a graph when none is kept, so every rank can still backward)."""
+    keep = keep.to(per_sample_loss.dtype)
+    return (per_sample_loss * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+class ScreeningMonitor:
+    """The trainer's screening state: decides per micro-batch, counts what was dropped over all ranks."""
+
+    def __init__(self, cfg: ScreeningConfig, schedule: NoiseSchedule, parameterization: str) -> None:
+        self.cfg, self.schedule, self.parameterization = cfg, schedule, parameterization
+        self.dropped = self.seen = self.skipped_steps = 0
+
+    def keep(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+             pred_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """(keep mask of this rank's samples, whether any sample is kept on any rank)."""
+        import torch.distributed as dist  # noqa: PLC0415
+
+        res = screen(model, x_t, t, tokens, self.cfg, self.schedule, self.parameterization, pred_cond)
+        counts = torch.tensor([float(res.keep.sum()), float(res.keep.numel())], device=x_t.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)  # every rank must agree on skipping the step
+        kept, total = int(counts[0]), int(counts[1])
+        self.dropped += total - kept
+        self.seen += total
+        return res.keep, kept > 0
+
+    def log_fields(self) -> dict[str, float]:
+        """Fraction dropped since the last call (all ranks), and the steps skipped so far."""
+        out = {"screening/dropped_fraction": self.dropped / max(self.seen, 1),
+               "screening/skipped_steps": float(self.skipped_steps)}
+        self.dropped = self.seen = 0
+        return out

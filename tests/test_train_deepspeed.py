@@ -1,0 +1,167 @@
+"""The trainer end to end under DeepSpeed on CPU (gloo): two-rank ZeRO 2 with kill-and-resume,
+one-process ZeRO 0 against ZeRO 3, and a non-finite loss stop.
+
+Every run is a subprocess (`deepspeed --num_gpus 2 engine/train.py` or `python engine/train.py`)
+with a tiny 32 px model for a handful of steps. The first DeepSpeed start on a fresh machine
+JIT-builds its shared-memory comm op (about a minute); later starts reuse the build.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+if not PYTHON.exists():
+    PYTHON = Path(sys.executable)
+DEEPSPEED = PYTHON.parent / "deepspeed"
+
+TINY = {
+    "deepspeed": {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+                  "optimizer": {"type": "AdamW", "params": {"lr": 0.002, "weight_decay": 0.01}},
+                  "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.002,
+                                                               "warmup_num_steps": 3}},
+                  "zero_optimization": {"stage": 2}, "gradient_clipping": 1.0},
+    "model": {"image_size": 32, "base_channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
+              "attention_resolutions": [8], "num_heads": 2, "context_dim": 16, "encoder_layers": 1,
+              "encoder_heads": 2, "dropout": 0.1},
+    "diffusion": {"min_snr_gamma": 5.0},
+    "conditioning": {"p_uncond": 0.5},
+    "training": {"steps": 4, "log_every": 1, "sample_every": 0, "checkpoint_every": 2, "loader": "torch",
+                 "ema_decay": 0.9},
+    "logging": {"tensorboard": False, "progress": False, "sample_steps": 2, "sample_prompts": 2,
+                "sample_seeds": [0], "sample_guidance": [1.0, 3.0]},
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    from data_pipeline.synthetic import make_synthetic_chexpert
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_chexpert(str(root / "chexpert"), 48, seed=1, image_size=32, progress=False)
+    return {"format": "synthetic", "root": str(root / "chexpert"), "image_size": 32,
+            "cache_dir": str(root / "cache")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, data: dict, **sections) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"] = data
+    cfg.update(sections)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train(config: Path, *args: str, procs: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if procs == 1:
+        cmd = [str(PYTHON), "engine/train.py"]
+    else:
+        cmd = [str(DEEPSPEED), "--num_gpus", str(procs), "--master_port", str(_free_port()), "engine/train.py"]
+    result = subprocess.run(cmd + ["--config", str(config), *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def final_params(run: Path) -> dict[str, torch.Tensor]:
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    return state["module"]
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs (max |diff| {(a[name] - b[name]).abs().max()})"
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_two_ranks_zero2_kill_and_resume_is_bitwise(tmp_path, dataset):
+    """deepspeed launcher, 2 ranks, ZeRO 2, accumulation 2, dropout, Min-SNR, warm-up: 4 steps straight
+    equal 2 steps + kill + resume + 2 steps, bit for bit (weights, EMA, export, logged losses)."""
+    straight = write_config(tmp_path / "a.json", dataset, output_dir=str(tmp_path / "straight"))
+    split = write_config(tmp_path / "b.json", dataset, output_dir=str(tmp_path / "split"))
+    train(straight, procs=2)
+    first = train(split, "--stop-at", "2", procs=2)
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert "steps 0 -> 2" in first.stdout
+    second = train(split, "--resume", "auto", procs=2)
+    assert "resumed from" in second.stdout and "step_00000002" in second.stdout
+
+    a, b = tmp_path / "straight", tmp_path / "split"
+    assert_bitwise(final_params(a), final_params(b))
+    tag = "step_00000004"
+    assert_bitwise(load_file(str(a / "checkpoints" / tag / "ema.safetensors")),
+                   load_file(str(b / "checkpoints" / tag / "ema.safetensors")))
+    assert_bitwise(load_file(str(a / "export" / "model.safetensors")), load_file(str(b / "export" / "model.safetensors")))
+    assert losses(a) == losses(b) and sorted(losses(a)) == [1, 2, 3, 4]
+    # The EMA really averages: it is not the final weights (decay 0.9 over 4 steps).
+    ema = load_file(str(a / "checkpoints" / tag / "ema.safetensors"))
+    params = final_params(a)
+    assert any(not torch.equal(ema[n], params[n].float()) for n in ema)
+    # Sample grids at the end, one panel per guidance weight, and the run's artefacts.
+    assert (a / "samples" / "step_00000004.png").is_file()
+    assert (a / "loss_curve.png").is_file() and (a / "vocab.json").is_file() and (a / "config.json").is_file()
+
+
+
+def test_one_process_zero0_and_zero3_train_alike_and_export(tmp_path, dataset):
+    """Plain `python engine/train.py` (a one-rank gloo group): ZeRO 0 and ZeRO 3 (parameters
+    partitioned, EMA read through GatheredParameters) follow the same trajectory."""
+    from engine.model_io import load_model
+    runs = {}
+    for stage in (0, 3):
+        cfg = write_config(tmp_path / f"z{stage}.json", dataset, output_dir=str(tmp_path / f"z{stage}"),
+                           deepspeed={**TINY["deepspeed"], "zero_optimization": {"stage": stage}},
+                           training={**TINY["training"], "steps": 3, "sample_every": 3, "checkpoint_every": 0})
+        result = train(cfg)
+        assert f"1 rank(s) on cpu, ZeRO stage {stage}" in result.stdout
+        runs[stage] = tmp_path / f"z{stage}"
+    rows = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["grad_norm"] > 0 and r["images_per_s"] > 0 for r in rows)
+    for step in (1, 2, 3):
+        assert abs(losses(runs[0])[step] - losses(runs[3])[step]) < 1e-5
+    ema0, ema3 = (load_file(str(runs[s] / "export" / "model.safetensors")) for s in (0, 3))
+    for name in ema0:
+        torch.testing.assert_close(ema3[name], ema0[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert load_model(runs[3]).metadata["step"] == 3
+    # Starting again into the same directory without --resume is refused in one line.
+    again = train(tmp_path / "z0.json", check=False)
+    assert again.returncode == 3 and "already holds checkpoints" in again.stderr
+    assert len([ln for ln in again.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, dataset):
+    # lr 1e30: the first step is computed from sane weights, the second from ~1e30 weights (inf/nan).
+    cfg = write_config(tmp_path / "nan.json", dataset, output_dir=str(tmp_path / "nan"),
+                       deepspeed={**TINY["deepspeed"], "zero_optimization": {"stage": 0}, "scheduler": None,
+                                  "optimizer": {"type": "AdamW", "params": {"lr": 1e30}}},
+                       training={**TINY["training"], "steps": 6, "checkpoint_every": 1})
+    result = train(cfg, check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    message = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(message) == 1 and "non-finite loss at step 2" in message[0]
+    ckpt = tmp_path / "nan" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000001"
+    assert not (ckpt / "step_00000002").exists()
+    assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "step_00000001" / "ema.safetensors")).values())
