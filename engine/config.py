@@ -323,8 +323,10 @@ def _check_data(cfg: TrainConfig) -> TrainConfig:
         data = validate_data_config(cfg.data)
     except ValueError as exc:
         message = str(exc).splitlines()[0]
-        key = message.split(":", 1)[0] if message.startswith("data") else "data"
-        raise _Invalid(key, message) from None
+        key, _, detail = message.partition(": ")
+        if not (key.startswith("data") and detail):  # data_pipeline names the key as "data.x: ..."
+            key, detail = "data", message
+        raise _Invalid(key, detail) from None
     return dataclasses.replace(cfg, data=data)
 
 

@@ -46,8 +46,9 @@ class NoiseSchedule:
     def __init__(self, kind: str = "linear", num_timesteps: int = 1000) -> None:
         if kind == "linear":
             # DDPM's range, rescaled so that other T keep the same total noise.
+            # Clamped like the cosine schedule: below T = 50 the rescaled end would reach beta >= 1.
             scale = 1000 / num_timesteps
-            betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+            betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64).clamp(max=0.999)
         elif kind == "cosine":
             betas = _cosine_betas(num_timesteps)
         else:

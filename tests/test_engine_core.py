@@ -49,6 +49,15 @@ def test_linear_schedule_matches_product_of_alphas():
             assert s.alphas_cumprod[i].item() == pytest.approx(abar, rel=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_short_schedules_stay_valid_for_sampling(kind):
+    s = NoiseSchedule(kind, 10)
+    assert bool((s.betas > 0).all() and (s.betas < 1).all())
+    for i, t in enumerate(timestep_sequence(s, 10).tolist()):
+        coefs = step_coefficients(s, t, t - 1, eta=1.0)
+        assert all(math.isfinite(v) for v in coefs.values())
+
+
 def test_cosine_schedule_matches_formula_before_clipping():
     T, s_off = 1000, 0.008
     s = NoiseSchedule("cosine", T)
