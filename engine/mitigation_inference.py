@@ -20,33 +20,14 @@ from data_pipeline.cache import load_or_build_cache
 from engine.memorization import DetectorSettings, prompt_seeds
 from engine.mitigation_compare import Generations, RealImages, audit_generations, scan_generations
 from engine.prompt_optimization import optimize_prompt_embedding
+from engine.run_images import read_manifest, read_splits
 from engine.sampling import sample, seeded_noise
 from engine.scan import PromptList, encode_prompts, prompt_groups, training_prompt_list
 
 
-def _read_splits(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "splits.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: not found (is {run_dir} a memdiff training run?)")
-    with open(path) as f:
-        data = json.load(f)
-    for key in ("data", "splits"):
-        if key not in data:
-            raise ValueError(f"{path}: missing key {key!r}")
-    return data
-
-
-def read_manifest(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, "planted_manifest.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def run_real_images(run_dir: str, heldout_split: str = "val", progress: bool = True) -> RealImages:
     """Training images (planted copies included) and held-out images of a run, through the run's cache."""
-    data = _read_splits(run_dir)
+    data = read_splits(run_dir)
     cfg, splits = data["data"], data["splits"]
     if heldout_split not in splits or heldout_split == "train":
         raise ValueError(f"{run_dir}/splits.json: no held-out split {heldout_split!r} (have {sorted(splits)})")
@@ -60,7 +41,7 @@ def run_real_images(run_dir: str, heldout_split: str = "val", progress: bool = T
 
 
 def run_prompts(run_dir: str, split: str = "train") -> PromptList:
-    data = _read_splits(run_dir)
+    data = read_splits(run_dir)
     if split not in data["splits"]:
         raise ValueError(f"{run_dir}/splits.json: no split {split!r}")
     return training_prompt_list([r["prompt"] for r in data["splits"][split]], f"{run_dir}/splits.json:{split}")

@@ -323,19 +323,23 @@ def prompt_groups(prompts: list[str], manifest: dict | None) -> list[str] | None
     return out
 
 
-def ground_truth_metrics(table: pa.Table) -> dict:
-    """AUC, TPR@1%FPR and best balanced accuracy of planted prompts vs controls and vs ordinary prompts."""
+def planted_comparisons(table: pa.Table):
+    """Yield (`<score>/planted_vs_<group>`, planted scores, negative scores) for the mean and
+    first-step scores against matched controls and against ordinary prompts (scans with groups only)."""
     if "group" not in table.column_names:
-        return {}
+        return
     group = np.array(table.column("group").to_pylist())
-    out = {}
     for score_name in ("score", "first_step_score"):
         s = table.column(score_name).to_numpy()
         for negatives in ("control", "ordinary"):
             pos, neg = s[group == "planted"], s[group == negatives]
             if len(pos) and len(neg):
-                out[f"{score_name}/planted_vs_{negatives}"] = roc_metrics(pos, neg).to_dict()
-    return out
+                yield f"{score_name}/planted_vs_{negatives}", pos, neg
+
+
+def ground_truth_metrics(table: pa.Table) -> dict:
+    """AUC, TPR@1%FPR and best balanced accuracy of planted prompts vs controls and vs ordinary prompts."""
+    return {name: roc_metrics(pos, neg).to_dict() for name, pos, neg in planted_comparisons(table)}
 
 
 def threshold_from_reference(reference_table: pa.Table, target_fpr: float) -> float:
@@ -390,8 +394,9 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
     if calibrate_fpr is not None and reference_prompts is None:
         raise ValueError("--calibrate-fpr needs --reference-prompts FILE (prompts taken as not memorized)")
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"{out_path}: directory {out_dir} does not exist")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_path}: {out_dir} is not a directory")
+    os.makedirs(out_dir, exist_ok=True)
     loaded = load_model(checkpoint, device=device)
     if train_prompts:
         counts = prompt_counts(checkpoint)

@@ -21,7 +21,7 @@ from engine.embeddings import ClipEmbedder, ClipSpec
 from engine.memorization import DetectorSettings, detect, mean_score
 from engine.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
 from engine.roc import roc_curve, roc_metrics
-from engine.scan import scan_metadata
+from engine.scan import planted_comparisons, scan_metadata
 from engine.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
 
 
@@ -156,18 +156,10 @@ def tsne_coordinates(train_emb: np.ndarray, gen_emb: np.ndarray, n_train: int, s
 
 def roc_curves(table: pa.Table) -> dict:
     """ROC curves and metrics of planted prompts vs controls / ordinary prompts, where the scan has groups."""
-    if "group" not in table.column_names:
-        return {}
-    group = np.array(table.column("group").to_pylist())
     out = {}
-    for score_name in ("score", "first_step_score"):
-        s = table.column(score_name).to_numpy()
-        for neg in ("control", "ordinary"):
-            pos, negs = s[group == "planted"], s[group == neg]
-            if len(pos) and len(negs):
-                fpr, tpr, _ = roc_curve(pos, negs)
-                out[f"{score_name}/planted_vs_{neg}"] = {**roc_metrics(pos, negs).to_dict(),
-                                                        "fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    for name, pos, neg in planted_comparisons(table):
+        fpr, tpr, _ = roc_curve(pos, neg)
+        out[name] = {**roc_metrics(pos, neg).to_dict(), "fpr": fpr.tolist(), "tpr": tpr.tolist()}
     return out
 
 
