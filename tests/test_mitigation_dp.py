@@ -24,7 +24,7 @@ SEED, STEP, B = 7, 3, 6
 SCHEDULE = NoiseSchedule("linear", 100)
 
 
-def tiny_model(batched_positions: bool = False) -> ConditionalUNet:
+def tiny_model() -> ConditionalUNet:
     torch.manual_seed(0)
     cfg = UNetConfig(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(8,), num_heads=2, vocab_size=20, max_tokens=6, context_dim=16,
@@ -33,19 +33,6 @@ def tiny_model(batched_positions: bool = False) -> ConditionalUNet:
     with torch.no_grad():  # zero-initialised output layers would make most per-sample gradients vanish
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    if batched_positions:
-        # Same math as PromptEncoder.forward, but the position embedding is called on [B, L]
-        # indices so that it has a per-sample (ghost) norm rule.
-        enc = model.encoder
-
-        def forward(tokens):
-            mask = tokens != 0
-            pos = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
-            x = enc.token_embedding(tokens) + enc.position_embedding(pos)
-            for layer in enc.layers:
-                x = layer(x, mask)
-            return enc.norm(x), mask
-        enc.forward = forward
     return model
 
 
@@ -87,9 +74,9 @@ def resolved(clip: float, sigma: float = 0.0, expected: int = B, k: int = 1, met
     return cfg.resolve(num_examples=10 * expected, planned_steps=10)
 
 
-@pytest.mark.parametrize("method,batched,k", [("ghost", True, 1), ("auto", False, 1), ("vmap", False, 2)])
-def test_dp_gradient_matches_per_sample_reference(method, batched, k):
-    model = tiny_model(batched_positions=batched)
+@pytest.mark.parametrize("method,k", [("ghost", 1), ("auto", 1), ("vmap", 2)])
+def test_dp_gradient_matches_per_sample_reference(method, k):
+    model = tiny_model()
     batch = make_batch(k=k)
     ref_sum, ref_norms = reference_clipped_sum(model, batch, clip=1.0)
     clip = float(ref_norms.median())  # some samples clipped, some not
@@ -108,7 +95,7 @@ def test_dp_gradient_matches_per_sample_reference(method, batched, k):
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = tiny_model(batched_positions=True)
+    model = tiny_model()
     full = make_batch()
     idx = shard_indices(torch.arange(B), rank, world)
     batch = {k: v[idx] for k, v in full.items()}
@@ -123,7 +110,7 @@ def test_dp_two_ranks_equal_single_process():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         outs = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
-    model = tiny_model(batched_positions=True)
+    model = tiny_model()
     dp = DPSGD(model, resolved(clip=0.05, sigma=0.3), seed=SEED)
     single = dp.backward(diffusion_loss_fn(SCHEDULE), make_batch(), STEP)
     assert outs[0]["stats"]["dp/batch_size"] == B
@@ -135,7 +122,7 @@ def test_dp_two_ranks_equal_single_process():
 
 def test_noise_variance_without_clipping():
     # Huge C: no clipping; with sigma*C = 2.0 and E|S| = 4 the gradient is mean_grad + N(0, 0.5^2).
-    model = tiny_model(batched_positions=True)
+    model = tiny_model()
     batch = make_batch(n=4)
     sigma, clip, expected = 2.0 / 1e6, 1e6, 4
     dp = DPSGD(model, resolved(clip, sigma, expected=expected), seed=SEED)
