@@ -30,8 +30,8 @@ from typing import Any, Callable, Literal
 from data_pipeline.augment import AugmentConfig
 from data_pipeline.dataset import validate_data_config
 from engine.diffusion import DiffusionConfig
-from engine.dp_sgd import DPConfig, check_deepspeed_for_dp  # mitigation engineer A
-from engine.screening import ScreeningConfig  # mitigation engineer A
+from engine.dp_sgd import DPConfig, check_deepspeed_for_dp
+from engine.screening import ScreeningConfig
 from engine.unet import UNetConfig
 
 
@@ -169,8 +169,8 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     # Mitigation sections (null = off). Each owner replaces `dict | None` by its dataclass.
     augment: AugmentConfig | None = None
-    dp: DPConfig | None = None                 # engine.dp_sgd (mitigation engineer A)
-    screening: ScreeningConfig | None = None   # engine.screening (mitigation engineer A)
+    dp: DPConfig | None = None                 # engine.dp_sgd
+    screening: ScreeningConfig | None = None   # engine.screening
 
     def to_dict(self) -> dict:
         return _to_jsonable(self)
@@ -294,7 +294,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     except (ValueError, TypeError) as exc:
         # UNetConfig / DiffusionConfig check themselves and already name the key ("model.x: ...").
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        # (mitigation engineer A) key the error by the field it names, so an optional section
+        # Key the error by the field it names, so an optional section
         # (`X | None`) reports the field instead of "expected an object or null"
         named = message.split(":", 1)[0]
         if prefix and named.startswith(prefix + ".") and " " not in named and ": " in message:
@@ -337,7 +337,7 @@ def _check_consistency(cfg: TrainConfig) -> None:
         raise _Invalid("model.image_size", f"expected data.image_size ({size}), got {cfg.model.image_size}")
 
 
-# --- mitigation engineer A: cross-section checks of dp / screening -------------------------------
+# --- cross-section checks of dp / screening ---------------------------------------------------
 def _check_mitigations(cfg: TrainConfig) -> None:
     if cfg.dp is not None and cfg.dp.enabled:
         try:
@@ -351,7 +351,6 @@ def _check_mitigations(cfg: TrainConfig) -> None:
         if cfg.screening is not None and cfg.screening.enabled:
             raise _Invalid("screening.enabled", "expected false with dp.enabled (screening looks at each "
                                                 "sample's data outside the clipped gradient: no DP guarantee)")
-# --- end mitigation engineer A --------------------------------------------------------------------
 
 
 def _pull_zero_options(raw: dict) -> dict:

@@ -35,12 +35,12 @@ from engine.model_io import export_model
 from engine.train_logging import RunLogger
 from engine.unet import ConditionalUNet, UNetConfig, count_parameters
 from kernels.noising import noise_prediction_loss, noised_input
-from engine.dp_sgd import DPTraining  # mitigation engineer A
-from engine.screening import ScreeningMonitor, screened_mean  # mitigation engineer A
+from engine.dp_sgd import DPTraining
+from engine.screening import ScreeningMonitor, screened_mean
 
 # The sections a resumed run must share with the run it continues (others, e.g. training.steps, may change).
 FIXED_ON_RESUME = ("model", "diffusion", "data", "conditioning",
-                   "dp")  # mitigation A: the accountant assumes one (sigma, q) for the whole run
+                   "dp")  # dp: the accountant assumes one (sigma, q) for the whole run
 
 
 class TrainingError(RuntimeError):
@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
         say(f"{run_dir}: already trained for {start_step} >= training.steps = {total} steps; nothing to do")
 
     use_compile = cfg.compile.enabled if cfg.compile.enabled is not None else device == "cuda"
-    use_compile = use_compile and not (cfg.dp is not None and cfg.dp.enabled)  # mitigation A: DP's norm hooks
+    use_compile = use_compile and not (cfg.dp is not None and cfg.dp.enabled)  # DP's norm hooks
     if use_compile and start_step < stop:
         engine.compile(backend=cfg.compile.backend, compile_kwargs={"mode": cfg.compile.mode})
 
@@ -205,7 +205,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     param = cfg.diffusion.parameterization
     null = vocab.null_tokens(micro).to(dev)
-    # --- mitigation engineer A: DP-SGD (Poisson batches, own backward) and training-time screening ---
+    # --- DP-SGD (Poisson batches, own backward) and training-time screening ---
     dp_training = None
     if cfg.dp is not None and cfg.dp.enabled:
         dp_training = DPTraining(cfg.dp, engine.module, train_split, schedule, parameterization=param,
@@ -216,7 +216,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
         say(dp_training.describe())
     screening = (ScreeningMonitor(cfg.screening, schedule, param)
                  if cfg.screening is not None and cfg.screening.enabled else None)
-    # --- end mitigation engineer A ---
 
     prompts, prompt_tokens = _sample_prompts(cfg, prepared)
     guidance = list(cfg.logging.sample_guidance) if cfg.conditioning.p_uncond > 0 else [1.0]
@@ -264,7 +263,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     try:
         while step < stop:
             engine.train()
-            if dp_training is not None:  # mitigation engineer A: one Poisson batch, DP-SGD backward
+            if dp_training is not None:  # one Poisson batch, DP-SGD backward
                 window_losses.append(dp_training.backward(step))
                 engine.step()
             for k in range(accum if dp_training is None else 0):
@@ -284,7 +283,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
                 weights = loss_weights(t, schedule, param, cfg.diffusion.min_snr_gamma)
                 per_sample = noise_prediction_loss(pred, x0, sqrt_ab, sqrt_1mab, seed, weights, param)
                 loss = per_sample.mean()
-                if screening is not None:  # mitigation engineer A: Wen's training-time screening
+                if screening is not None:  # Wen's training-time screening
                     keep, any_kept = screening.keep(engine.module, x_t, t, tokens, pred_cond=pred)
                     if not any_kept and accum == 1:  # nothing left on any rank: skip the step
                         screening.skipped_steps += 1
@@ -330,7 +329,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
                               "images_per_s": images_per_s, "images_per_s_per_rank": images_per_s / world,
                               "epoch": step * global_batch / len(train_split),
                               "time_s": time.time(),
-                              **(dp_training.log_fields() if dp_training is not None else {}),  # mitigation A
+                              **(dp_training.log_fields() if dp_training is not None else {}),
                               **(screening.log_fields() if screening is not None else {})})
             logger.advance(0, loss=mean_loss, img_s=images_per_s)
             if do_sample:
@@ -344,7 +343,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     logger.close()
     summary = {"run_dir": str(run_dir), "step": step, "export": str(run_dir / "export"),
                "checkpoint": str(ckpt_dir / (latest_tag(ckpt_dir) or "")) if ckpt_dir.is_dir() else None}
-    if dp_training is not None:  # mitigation engineer A: the privacy spent, in the summary and the run dir
+    if dp_training is not None:  # the privacy spent, in the summary and the run dir
         summary["privacy"] = dp_training.summary()
         if is_main:
             _atomic_write(run_dir / "privacy.json", json.dumps(summary["privacy"], indent=2))
