@@ -109,7 +109,8 @@ def _summary(values: np.ndarray) -> dict:
 
 def audit_generations(gen: Generations, real: RealImages | None, *, manifest: dict | None = None,
                       copy_detector: CopyDetector | None = None, clip=None, threshold: float | None = None,
-                      target_fpr: float = 0.01, train_cache: dict | None = None) -> dict:
+                      target_fpr: float = 0.01, train_cache: dict | None = None,
+                      threshold_from: str = "given") -> dict:
     """All numbers of one audit (JSON-able). `train_cache` (a dict) keeps training embeddings between calls."""
     cache = train_cache if train_cache is not None else {}
     p, g = gen.images.shape[:2]
@@ -125,7 +126,7 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
     if threshold is None and negatives.any():
         threshold_used, how = calibrate_threshold(score[negatives], target_fpr), f"calibrated at FPR {target_fpr}"
     else:
-        threshold_used, how = threshold, "given"
+        threshold_used, how = threshold, threshold_from
     flagged = score > threshold_used if threshold_used is not None else np.zeros(p, bool)
     det = {"threshold": threshold_used, "threshold_from": how, "score_mean": float(score.mean()),
            "flagged_fraction": float(flagged.mean())}
@@ -212,6 +213,23 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
 
 
 # ---- report --------------------------------------------------------------------------------------
+
+
+def audit_series(gens: list[Generations], real: RealImages | None, *, threshold: float | None = None,
+                 **kwargs) -> list[dict]:
+    """Audits of a baseline and its mitigations, all judged by ONE flagging threshold.
+
+    The threshold is the given one, or the one calibrated on the first (baseline) audit; calibrating
+    each audit on its own non-planted prompts would move the threshold with the mitigation and make
+    "fraction flagged" incomparable before and after.
+    """
+    audits, how = [], "given"
+    for gen in gens:
+        audits.append(audit_generations(gen, real, threshold=threshold, threshold_from=how, **kwargs))
+        if threshold is None:
+            threshold = audits[0]["detection"]["threshold"]
+            how = f"from the first audit ({audits[0]['detection']['threshold_from']})"
+    return audits
 
 def _png_uri(image_u8: np.ndarray) -> str:
     buf = io.BytesIO()

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from data_pipeline.cache import load_or_build_cache
 from engine.memorization import DetectorSettings, prompt_seeds
-from engine.mitigation_compare import Generations, RealImages, audit_generations, scan_generations
+from engine.mitigation_compare import Generations, RealImages, audit_series, scan_generations
 from engine.prompt_optimization import optimize_prompt_embedding
 from engine.run_images import read_manifest, read_splits
 from engine.sampling import sample, seeded_noise
@@ -56,16 +56,16 @@ def guidance_sweep(loaded, prompt_list: PromptList, settings: DetectorSettings, 
     """One audit per guidance weight (same prompts, same seeds). Each w scans into out_dir/w<w>/ (resumable)."""
     if not weights:
         raise ValueError("guidance sweep: no weights")
-    audits, gens, cache = [], [], {}
+    gens = []
     for w in weights:
         s = DetectorSettings(**{**settings.to_dict(), "guidance": float(w)})
-        gen = scan_generations(loaded, prompt_list, s, os.path.join(out_dir, f"w{w:g}"), manifest=manifest,
-                               batch_prompts=batch_prompts, progress=progress, description=f"scan w={w:g}")
-        audit = audit_generations(gen, real, manifest=manifest, copy_detector=copy_detector, clip=clip,
-                                  threshold=threshold, target_fpr=target_fpr, train_cache=cache)
+        gens.append(scan_generations(loaded, prompt_list, s, os.path.join(out_dir, f"w{w:g}"), manifest=manifest,
+                                     batch_prompts=batch_prompts, progress=progress, description=f"scan w={w:g}"))
+    # One threshold for every w (calibrated on the first weight if none is given).
+    audits = audit_series(gens, real, manifest=manifest, copy_detector=copy_detector, clip=clip,
+                          threshold=threshold, target_fpr=target_fpr, train_cache={})
+    for audit, w in zip(audits, weights):
         audit["guidance"] = float(w)
-        audits.append(audit)
-        gens.append(gen)
     return audits, gens
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_pipeline.vocab import Vocabulary
 from engine.diffusion import DiffusionConfig
-from engine.mitigation_compare import Generations, RealImages, audit_generations
+from engine.mitigation_compare import Generations, RealImages, audit_generations, audit_series
 from engine.model_io import export_model
 from engine.unet import ConditionalUNet, UNetConfig
 
@@ -55,6 +55,14 @@ def test_audit_known_answers():
     # Calibrated threshold: largest non-planted score is 0.2, so both planted prompts are flagged.
     b = audit_generations(gen, RealImages(train, paths, heldout), manifest=manifest)
     assert b["detection"]["threshold"] == pytest.approx(0.2) and b["detection"]["planted_flagged_fraction"] == 1.0
+    # A "mitigated" set with every score scaled by 0.2: calibrated on its own (threshold 0.04) it
+    # would flag both planted prompts again; judged by the baseline's threshold 0.2 it flags neither.
+    scaled = Generations(prompts, groups, [0, 1, 2, 3], norms * 0.2, images)
+    alone = audit_generations(scaled, RealImages(train, paths, heldout), manifest=manifest)
+    assert alone["detection"]["planted_flagged_fraction"] == 1.0
+    series = audit_series([gen, scaled], RealImages(train, paths, heldout), manifest=manifest)
+    assert [a["detection"]["threshold"] for a in series] == pytest.approx([0.2, 0.2])
+    assert [a["detection"]["planted_flagged_fraction"] for a in series] == [1.0, 0.0]
 
 
 def _load_tool(name: str):
