@@ -1,32 +1,22 @@
 """Per-sample gradient norms, clipping and noise (kernels/dp_clip.py) against torch.func per-sample
 gradients (vmap of grad) in float64, on the engine's real U-Net blocks and on plain layer stacks."""
-import importlib
-import random
 
 import pytest
 import torch
+
+from kernel_test_support import fresh_seed, interpreted_kernel_module, poison_allocations
 from torch import nn
 from torch.func import functional_call, grad, vmap
-
-MODULES = ("kernels.philox", "kernels.dp_clip")
 
 
 @pytest.fixture(scope="module")
 def dp():
-    # tests/conftest.py turns the interpreter on (before triton is first imported) when there is no GPU
-    from triton import knobs
-    if not knobs.runtime.interpret:
-        pytest.skip("Triton kernel tests run on CPU tensors under TRITON_INTERPRET=1 (set before triton's import)")
-    return importlib.import_module(MODULES[-1])
+    return interpreted_kernel_module("kernels.dp_clip")
 
 
 @pytest.fixture
 def poisoned(dp, monkeypatch):
-    monkeypatch.setattr(dp, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-
-
-def _fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+    poison_allocations(dp, monkeypatch)
 
 
 def per_sample_grads(model, loss_fn, inputs):
@@ -70,7 +60,7 @@ class Stack(nn.Module):
 
 @pytest.mark.parametrize("method", ["direct", "ghost", "auto"])
 def test_layer_stack_matches_torch_func_float64(dp, method):
-    gen = torch.Generator().manual_seed(_fresh_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
     model = Stack().double()
     x = torch.randn(4, 2, 7, 9, dtype=torch.float64, generator=gen)
@@ -124,7 +114,7 @@ class _EncoderCase(nn.Module):
 @pytest.mark.parametrize("case", ["res_8_16_8px", "res_8_8_6px", "attn_8_4px", "attn_16_3px", "encoder"])
 def test_engine_blocks_match_torch_func_float64(dp, case):
     unet, penc = _engine_blocks()
-    seed = _fresh_seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if case.startswith("res"):
@@ -147,7 +137,7 @@ def test_engine_blocks_match_torch_func_float64(dp, case):
 
 def test_clipped_backward_gives_sum_of_clipped_per_sample_grads(dp):
     unet, _ = _engine_blocks()
-    torch.manual_seed(_fresh_seed())
+    torch.manual_seed(fresh_seed())
     model = _ResBlockCase(unet, 4, 8).double()
     x, e = torch.randn(5, 4, 6, 6, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
     per = per_sample_grads(model, mse, (x, e))
@@ -165,7 +155,7 @@ def test_clipped_backward_gives_sum_of_clipped_per_sample_grads(dp):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("shape", [(3, 40, 20, 24), (2, 17, 70, 5)])   # (B, T, P, Q), ragged tiles
 def test_direct_triton_kernel_matches_reference(dp, poisoned, dtype, tol, shape):
-    gen = torch.Generator().manual_seed(_fresh_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     b, t, p, q = shape
     a = torch.randn(b, p, t, generator=gen).to(dtype).transpose(1, 2)    # strided view, as unfold()^T
     g = torch.randn(b, t, q, generator=gen).to(dtype)
@@ -178,7 +168,7 @@ def test_direct_triton_kernel_matches_reference(dp, poisoned, dtype, tol, shape)
 
 def test_hooks_use_triton_kernel_for_conv(dp, monkeypatch):
     unet, _ = _engine_blocks()
-    torch.manual_seed(_fresh_seed())
+    torch.manual_seed(fresh_seed())
     model = _ResBlockCase(unet, 4, 8)
     x, e = torch.randn(2, 4, 6, 6), torch.randn(2, 16)
     want = sq_norms_of(per_sample_grads(model.double(), mse, (x.double(), e.double())))
@@ -193,7 +183,7 @@ def test_hooks_use_triton_kernel_for_conv(dp, monkeypatch):
 
 
 def test_noise_step_triton_equals_reference_and_has_right_scale(dp, monkeypatch):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     grads = [torch.randn(37, 3), torch.randn(1000), torch.randn(5, 2, 3, 3)]
     a = [g.clone() for g in grads]
     b = [g.clone() for g in grads]
@@ -243,7 +233,7 @@ def test_unsupported_and_misused_layers_raise(dp):
 
 def test_whole_tiny_unet_matches_torch_func_float64(dp):
     unet, _ = _engine_blocks()
-    seed = _fresh_seed()
+    seed = fresh_seed()
     torch.manual_seed(seed)
     cfg = unet.UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                           attention_resolutions=(4,), num_heads=2, vocab_size=16, max_tokens=5,

@@ -3,32 +3,22 @@
 The Triton kernel runs under TRITON_INTERPRET=1 on CPU (set by tests/conftest.py before triton is
 first imported: triton decides interpreted-or-compiled when its functions are decorated).
 """
-import importlib
 import math
-import random
 
 import pytest
 import torch
 
-MODULE = "kernels.guided_step"
+from kernel_test_support import fresh_seed, interpreted_kernel_module, poison_allocations
 
 
 @pytest.fixture(scope="module")
 def gs():
-    # tests/conftest.py turns the interpreter on (before triton is first imported) when there is no GPU
-    from triton import knobs
-    if not knobs.runtime.interpret:
-        pytest.skip("Triton kernel tests run on CPU tensors under TRITON_INTERPRET=1 (set before triton's import)")
-    return importlib.import_module(MODULE)
+    return interpreted_kernel_module("kernels.guided_step")
 
 
 @pytest.fixture
 def poisoned(gs, monkeypatch):
-    monkeypatch.setattr(gs, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-
-
-def _fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+    poison_allocations(gs, monkeypatch)
 
 
 def _coefs(gen: torch.Generator, ddpm: bool) -> dict:
@@ -59,7 +49,7 @@ def _independent_step(pred, x_t, noise, guidance, c, clip_x0):
 @pytest.mark.parametrize("clip_x0", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_triton_and_reference_match_float64_step(gs, poisoned, ddpm, clip_x0, dtype, tol):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     b, shape = 3, (1, 19, 23)             # C*H*W not a multiple of the block: exercises the mask
     pred = (torch.randn(2 * b, *shape, generator=gen) * 1.5).to(dtype)
@@ -79,7 +69,7 @@ def test_triton_and_reference_match_float64_step(gs, poisoned, ddpm, clip_x0, dt
 
 
 def test_fp32_triton_equals_reference_tightly(gs, poisoned):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     pred, x_t, noise = torch.randn(8, 1, 16, 16, generator=gen), torch.randn(4, 1, 16, 16, generator=gen), torch.randn(4, 1, 16, 16, generator=gen)
     c = _coefs(gen, True)

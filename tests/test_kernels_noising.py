@@ -3,31 +3,21 @@
 The PyTorch Philox reproduction is checked against Triton's own tl.randn (interpreter), the kernels
 against the references, the fused gradient against autograd/finite differences.
 """
-import importlib
-import random
 
 import pytest
 import torch
 
-MODULES = ("kernels.philox", "kernels.noising")
+from kernel_test_support import fresh_seed, interpreted_kernel_module, poison_allocations
 
 
 @pytest.fixture(scope="module")
 def nz():
-    # tests/conftest.py turns the interpreter on (before triton is first imported) when there is no GPU
-    from triton import knobs
-    if not knobs.runtime.interpret:
-        pytest.skip("Triton kernel tests run on CPU tensors under TRITON_INTERPRET=1 (set before triton's import)")
-    return importlib.import_module(MODULES[-1])
+    return interpreted_kernel_module("kernels.noising")
 
 
 @pytest.fixture
 def poisoned(nz, monkeypatch):
-    monkeypatch.setattr(nz, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-
-
-def _fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+    poison_allocations(nz, monkeypatch)
 
 
 def _inputs(seed, b=3, shape=(1, 9, 13), dtype=torch.float32):
@@ -48,7 +38,7 @@ def test_philox_reference_reproduces_triton_randn(nz):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + i, tl.randn(seed, base + i.to(tl.int64)), mask=i < n)
 
-    for seed in (0, _fresh_seed(), 2**31 - 1, 2**40 + _fresh_seed()):
+    for seed in (0, fresh_seed(), 2**31 - 1, 2**40 + fresh_seed()):
         for base in (0, 2**32 - 100, 2**35 + 3):
             out = torch.full((300,), float("nan"))
             draw[(3,)](out, seed, base, 300, BLOCK=128)
@@ -59,7 +49,7 @@ def test_philox_reference_reproduces_triton_randn(nz):
 
 def test_noise_is_deterministic_and_seeds_independent(nz):
     shape = (4, 1, 32, 32)
-    s = _fresh_seed()
+    s = fresh_seed()
     x0 = torch.zeros(shape)
     one, zero = torch.ones(4), torch.zeros(4)
     a = nz.noised_input_triton(x0, zero, one, s)          # x_t = eps exactly
@@ -79,7 +69,7 @@ def test_noise_is_deterministic_and_seeds_independent(nz):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_noised_input_matches_reference_and_formula(nz, poisoned, dtype, tol):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x0, sab, s1mab, _ = _inputs(seed, dtype=dtype)
     eps = nz.noise_for(x0, seed).double()
     want = sab.double()[:, None, None, None] * x0.double() + s1mab.double()[:, None, None, None] * eps
@@ -94,7 +84,7 @@ def test_noised_input_matches_reference_and_formula(nz, poisoned, dtype, tol):
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_fused_loss_and_grad_match_reference(nz, poisoned, parameterization, weighted, dtype, tol):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x0, sab, s1mab, gen = _inputs(seed, dtype=dtype)
     w = torch.rand(3, generator=gen) + 0.5 if weighted else None
     pred = torch.randn(x0.shape, generator=gen).to(dtype).requires_grad_(True)
@@ -111,7 +101,7 @@ def test_fused_loss_and_grad_match_reference(nz, poisoned, parameterization, wei
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_gradcheck_float64(nz, parameterization):
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x0, sab, s1mab, gen = _inputs(seed, b=2, shape=(1, 3, 4))
     x0 = x0.double()
     w = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
@@ -127,7 +117,7 @@ def test_gradcheck_float64(nz, parameterization):
 
 def test_loss_uses_the_noise_of_noised_input(nz):
     """A perfect eps prediction (and the v target built from the same eps) gives zero loss."""
-    seed = _fresh_seed()
+    seed = fresh_seed()
     x0, sab, s1mab, _ = _inputs(seed)
     x_t = nz.noised_input_triton(x0, sab, s1mab, seed)
     eps_hat = (x_t - sab[:, None, None, None] * x0) / s1mab[:, None, None, None]
