@@ -57,6 +57,14 @@ class NoiseSchedule:
         self.num_timesteps = num_timesteps
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # abar per device, copied once: the training step indexes it every step, and a fresh
+        # host-to-device copy each time would be a blocking transfer on the hot path.
+        self._abar_on: dict[torch.device, torch.Tensor] = {}
+
+    def _abar(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device not in self._abar_on:
+            self._abar_on[t.device] = self.alphas_cumprod.to(t.device)
+        return self._abar_on[t.device][t]
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> "NoiseSchedule":
@@ -64,14 +72,14 @@ class NoiseSchedule:
 
     def sqrt_ab(self, t: torch.Tensor) -> torch.Tensor:
         """sqrt(abar_t) per sample, float32 on t's device."""
-        return self.alphas_cumprod.to(t.device)[t].sqrt().float()
+        return self._abar(t).sqrt().float()
 
     def sqrt_1mab(self, t: torch.Tensor) -> torch.Tensor:
         """sqrt(1 - abar_t) per sample, float32 on t's device."""
-        return (1.0 - self.alphas_cumprod.to(t.device)[t]).sqrt().float()
+        return (1.0 - self._abar(t)).sqrt().float()
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod.to(t.device)[t]
+        abar = self._abar(t)
         return (abar / (1.0 - abar)).float()
 
 
