@@ -46,6 +46,7 @@ class Generations:
     seeds: list[int]
     norms_rms: np.ndarray          # [P, G, S]
     images: np.ndarray             # uint8 [P, G, S, S]
+    truth_prompts: list[str] | None = None   # prompts whose planted tokens are the ground truth (default: prompts)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RealImages:
     train: np.ndarray              # uint8 [N, S, S]
     train_paths: list[str]         # image path of each training image (planted copies share one)
     heldout: np.ndarray            # uint8 [M, S, S] validation/test images, never trained on
+    heldout_prompts: list[str] | None = None   # their prompts (label conformance of real images)
 
 
 def _read_png(path: str) -> np.ndarray:
@@ -96,6 +98,61 @@ def feature_spaces(copy_detector: CopyDetector | None, clip) -> dict:
     return spaces
 
 
+# ---- planted ground truth -----------------------------------------------------------------------------
+
+def planted_sources(gen: Generations, manifest: dict) -> dict[int, set[str]]:
+    """Prompt index -> image path(s) planted under that prompt's planted token(s), for planted prompts."""
+    token_path = {e["token"]: e["image_path"] for e in manifest.get("planted", [])}
+    out = {}
+    for i, (prompt, group) in enumerate(zip(gen.truth_prompts or gen.prompts, gen.groups)):
+        if group == "planted":
+            out[i] = {token_path[t] for t in prompt.partition("|")[2].split() if t in token_path}
+    return out
+
+
+def planted_pixel_match(gen: Generations, real: RealImages, manifest: dict, cache: dict) -> dict:
+    """How close planted prompts' generations come to THEIR planted image, in raw pixels.
+
+    Pixel Pearson correlation needs no learned model, so this is the audit's ground truth for the
+    planted duplicates: for every planted generation, its correlation to its own planted image and
+    whether that image is its nearest training image. `chance` is the share of training images that
+    are copies of one planted image, the nearest-is-planted rate of a generation unrelated to it.
+    """
+    sources = planted_sources(gen, manifest)
+    if not sources:
+        return {}
+    if "pixel_train" not in cache:
+        cache["pixel_train"] = pearson_normalize(torch.from_numpy(real.train.reshape(len(real.train), -1)).float())
+    train_vec = cache["pixel_train"]
+    g = gen.images.shape[1]
+    own, hits_per_prompt, copies_per_source = [], [], []
+    for i, paths in sources.items():
+        mine = np.array([p in paths for p in real.train_paths])
+        if not mine.any():
+            continue
+        copies_per_source.append(int(mine.sum()))
+        q = pearson_normalize(torch.from_numpy(gen.images[i].reshape(g, -1)).float())
+        corr = (q @ train_vec.T).numpy()                             # [G, N]
+        own += corr[:, mine].max(1).tolist()
+        hits_per_prompt.append(mine[corr.argmax(1)].astype(np.float64))
+    if not own:
+        return {}
+    hits = np.stack(hits_per_prompt)                                 # [P_planted, G]
+    return {"own_correlation": _summary(np.array(own)),
+            "nearest_is_planted_fraction": float(hits.mean()),
+            "nearest_is_planted_ci95": prompt_bootstrap_ci(hits),
+            "chance": float(np.mean(copies_per_source)) / len(real.train_paths)}
+
+
+def prompt_bootstrap_ci(per_prompt: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
+    """95% interval of the mean of [P, G] values, resampling whole prompts (a prompt's generations
+    share its conditioning, so they are not independent draws)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(per_prompt), size=(n_boot, len(per_prompt)))
+    means = per_prompt.mean(1)[pick].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 # ---- one audit --------------------------------------------------------------------------------------
 
 def _summary(values: np.ndarray) -> dict:
@@ -108,7 +165,8 @@ def _summary(values: np.ndarray) -> dict:
 
 
 def audit_generations(gen: Generations, real: RealImages | None, *, manifest: dict | None = None,
-                      copy_detector: CopyDetector | None = None, clip=None, threshold: float | None = None,
+                      copy_detector: CopyDetector | None = None, clip=None, label_classifier=None,
+                      threshold: float | None = None,
                       target_fpr: float = 0.01, train_cache: dict | None = None,
                       threshold_from: str = "given") -> dict:
     """All numbers of one audit (JSON-able). `train_cache` (a dict) keeps training embeddings between calls."""
@@ -182,17 +240,10 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
             if m.any():
                 copying[f"copy_fraction_{name}"] = float(copies[m].mean())
     if manifest and manifest.get("planted"):
-        token_path = {e["token"]: e["image_path"] for e in manifest["planted"]}
-        hits, total = 0, 0
-        for i in range(p):
-            if gen.groups[i] != "planted":
-                continue
-            _, _, extra = gen.prompts[i].partition("|")
-            paths = {token_path[t] for t in extra.split() if t in token_path}
-            for j in range(g):
-                hits += real.train_paths[nearest_idx[i * g + j]] in paths
-                total += 1
-        copying["planted_nearest_is_planted_fraction"] = hits / total if total else None
+        hits = [real.train_paths[nearest_idx[i * g + j]] in paths
+                for i, paths in planted_sources(gen, manifest).items() for j in range(g)]
+        copying["planted_nearest_is_planted_fraction"] = float(np.mean(hits)) if hits else None
+        copying["planted_pixels"] = planted_pixel_match(gen, real, manifest, cache)
     out["copying"] = copying
     out["nearest_train_index"] = nearest_idx.reshape(p, g).tolist()
 
@@ -208,6 +259,14 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
             held, floor = cache[f"fd_{name}"]
             quality[name] = {"frechet_to_heldout": frechet_distance_features(np.asarray(embed(flat), np.float64), held),
                              "real_train_vs_heldout": floor, "n_generated": int(len(flat)), "n_heldout": int(len(held))}
+    if label_classifier is not None:
+        # The prompt asked for these findings: does the classifier see them in the generations?
+        conf = {"generated": label_classifier.conformance(flat, [q for q in gen.prompts for _ in range(g)])}
+        if real.heldout_prompts is not None and len(real.heldout):
+            if "labels_real" not in cache:
+                cache["labels_real"] = label_classifier.conformance(real.heldout, real.heldout_prompts)
+            conf["real_heldout"] = cache["labels_real"]
+        quality["label_conformance"] = conf
     out["quality"] = quality
     return out
 
@@ -257,8 +316,18 @@ def headline(audit: dict) -> dict:
            "copy rate (Dar)": (cop.get("dar") or {}).get("copy_fraction"),
            "copy rate, planted prompts": cop.get("copy_fraction_planted"),
            "planted: nearest is planted image": cop.get("planted_nearest_is_planted_fraction")}
+    pix = cop.get("planted_pixels") or {}
+    if pix:
+        row["planted: nearest is planted image (pixels)"] = pix["nearest_is_planted_fraction"]
+        row["  95% interval (prompts resampled); chance"] = \
+            "[{:.3g}, {:.3g}]; {:.3g}".format(*pix["nearest_is_planted_ci95"], pix["chance"])
+        row["planted: correlation to own planted image, median (pixels)"] = pix["own_correlation"]["median"]
     for name, v in q.items():
-        row[f"FD {name} (real floor {v['real_train_vs_heldout']:.3g})"] = v["frechet_to_heldout"]
+        if name == "label_conformance":
+            real_auc = (v.get("real_heldout") or {}).get("macro_auc")
+            row[f"label conformance, macro AUC (real held-out {_fmt(real_auc)})"] = v["generated"]["macro_auc"]
+        else:
+            row[f"FD {name} (real floor {v['real_train_vs_heldout']:.3g})"] = v["frechet_to_heldout"]
     return row
 
 

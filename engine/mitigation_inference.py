@@ -37,7 +37,9 @@ def run_real_images(run_dir: str, heldout_split: str = "val", progress: bool = T
     held_paths = [r["image_path"] for r in splits[heldout_split]]
     train = load_or_build_cache(train_paths, size, cache_dir, progress=progress)
     held = load_or_build_cache(held_paths, size, cache_dir, progress=progress)
-    return RealImages(train.images[train.ok], [p for p, ok in zip(train_paths, train.ok) if ok], held.images[held.ok])
+    held_prompts = [r["prompt"] for r, ok in zip(splits[heldout_split], held.ok) if ok]
+    return RealImages(train.images[train.ok], [p for p, ok in zip(train_paths, train.ok) if ok], held.images[held.ok],
+                      held_prompts)
 
 
 def run_prompts(run_dir: str, split: str = "train") -> PromptList:
@@ -50,10 +52,11 @@ def run_prompts(run_dir: str, split: str = "train") -> PromptList:
 # ---- guidance sweep ------------------------------------------------------------------------------
 
 def guidance_sweep(loaded, prompt_list: PromptList, settings: DetectorSettings, weights: list[float], out_dir: str,
-                   real: RealImages, *, manifest: dict | None = None, copy_detector=None, clip=None,
-                   threshold: float | None = None, target_fpr: float = 0.01, batch_prompts: int = 16,
-                   progress: bool = True) -> tuple[list[dict], list[Generations]]:
-    """One audit per guidance weight (same prompts, same seeds). Each w scans into out_dir/w<w>/ (resumable)."""
+                   real: RealImages, *, manifest: dict | None = None, threshold: float | None = None,
+                   target_fpr: float = 0.01, batch_prompts: int = 16, progress: bool = True,
+                   **audit_models) -> tuple[list[dict], list[Generations]]:
+    """One audit per guidance weight (same prompts, same seeds). Each w scans into out_dir/w<w>/ (resumable).
+    `audit_models`: copy_detector / clip / label_classifier, passed to every audit."""
     if not weights:
         raise ValueError("guidance sweep: no weights")
     gens = []
@@ -62,8 +65,8 @@ def guidance_sweep(loaded, prompt_list: PromptList, settings: DetectorSettings, 
         gens.append(scan_generations(loaded, prompt_list, s, os.path.join(out_dir, f"w{w:g}"), manifest=manifest,
                                      batch_prompts=batch_prompts, progress=progress, description=f"scan w={w:g}"))
     # One threshold for every w (calibrated on the first weight if none is given).
-    audits = audit_series(gens, real, manifest=manifest, copy_detector=copy_detector, clip=clip,
-                          threshold=threshold, target_fpr=target_fpr, train_cache={})
+    audits = audit_series(gens, real, manifest=manifest, threshold=threshold, target_fpr=target_fpr, train_cache={},
+                          **audit_models)
     for audit, w in zip(audits, weights):
         audit["guidance"] = float(w)
     return audits, gens
@@ -92,9 +95,13 @@ def guidance_plot_html(audits: list[dict]) -> str:
     ys = [(a["copying"].get("dar") or {}).get("copy_fraction") for a in audits]
     if all(y is not None for y in ys):
         ax[1].plot(w, ys, "k--", label="all generations")
-    ax[1].set(xlabel="guidance w", ylabel=f"copy rate ({audits[0]['copying']['space']})")
+    pix = [a["copying"].get("planted_pixels") or {} for a in audits]
+    if all(pix):   # the ground truth for planted duplicates: is the nearest training image the planted one?
+        ax[1].plot(w, [p["nearest_is_planted_fraction"] for p in pix], "rs-", label="planted: nearest is planted (pixels)")
+        ax[1].axhline(pix[0]["chance"], color="r", ls=":", lw=0.8, label="chance")
+    ax[1].set(xlabel="guidance w", ylabel=f"fraction of generations (copy rate: {audits[0]['copying']['space']})")
     ax[1].legend(fontsize=7)
-    for name in audits[0]["quality"]:
+    for name in [n for n, v in audits[0]["quality"].items() if "frechet_to_heldout" in v]:
         ax[2].plot(w, [a["quality"][name]["frechet_to_heldout"] for a in audits], "o-", label=name)
         ax[2].axhline(audits[0]["quality"][name]["real_train_vs_heldout"], ls=":", lw=0.8)
     ax[2].set(xlabel="guidance w", ylabel="Fréchet distance to held-out (dotted: real floor)", yscale="log")

@@ -34,6 +34,7 @@ from engine.image_grid import to_uint8
 from engine.model_io import export_model
 from engine.train_logging import RunLogger
 from engine.unet import ConditionalUNet, UNetConfig, count_parameters
+from kernels.backend import use_triton
 from kernels.noising import noise_prediction_loss, noised_input
 from engine.dp_sgd import DPTraining
 from engine.screening import ScreeningMonitor, screened_mean
@@ -227,7 +228,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     title = f"{run_dir.name} (p_uncond={cfg.conditioning.p_uncond:g})"
     say(f"{run_dir}: {count_parameters(model) / 1e6:.2f}M parameters, {len(train_split)} training images, "
         f"{world} rank(s) on {device}, ZeRO stage {cfg.deepspeed.zero_optimization.stage}, global batch "
-        f"{global_batch}, steps {start_step} -> {stop}")
+        f"{global_batch}, steps {start_step} -> {stop}, noising/loss kernels: "
+        f"{'Triton' if use_triton(torch.empty(0, device=dev)) else 'PyTorch reference'}")
 
     eval_model = ConditionalUNet(mcfg).to(dev).eval() if is_main else None
 

@@ -65,6 +65,41 @@ def test_audit_known_answers():
     assert [a["detection"]["planted_flagged_fraction"] for a in series] == [1.0, 0.0]
 
 
+def test_planted_pixel_match_against_numpy():
+    """Ground truth for planted prompts: correlation to the prompt's OWN planted image (any copy) and
+    whether that image is the nearest training image, checked against np.corrcoef."""
+    train = _blobs(10, 16, 3)
+    train[4] = train[2]                                   # a second copy of the planted image
+    paths = [f"/img/{i}.png" for i in range(10)]
+    paths[4] = paths[2]
+    manifest = {"planted": [{"token": "tok0000", "image_path": "/img/2.png", "copies": 2}]}
+    noisy = np.clip(train[2].astype(int) + np.random.default_rng(0).integers(-20, 21, train[2].shape), 0, 255)
+    images = np.stack([np.stack([train[2], noisy.astype(np.uint8), train[7]]), _blobs(3, 16, 9)])
+    gen = Generations(["x | tok0000", "y"], ["planted", "ordinary"], [0, 1], np.ones((2, 3, 2), np.float32), images)
+    a = audit_generations(gen, RealImages(train, paths, _blobs(4, 16, 4)), manifest=manifest, threshold=1.0)
+    pix = a["copying"]["planted_pixels"]
+
+    def corr(u, v):
+        return np.corrcoef(u.ravel().astype(np.float64), v.ravel().astype(np.float64))[0, 1]
+    want_own = sorted(corr(im, train[2]) for im in images[0])
+    assert sorted(pix["own_correlation"]["values"]) == pytest.approx(want_own, abs=1e-5)
+    want_nearest = [int(np.argmax([corr(im, t) for t in train])) in (2, 4) for im in images[0]]
+    assert want_nearest == [True, True, False]
+    assert pix["nearest_is_planted_fraction"] == pytest.approx(2 / 3)
+    assert pix["chance"] == pytest.approx(2 / 10)
+    lo, hi = pix["nearest_is_planted_ci95"]        # one planted prompt: resampling it changes nothing
+    assert lo == pytest.approx(2 / 3) and hi == pytest.approx(2 / 3)
+
+
+def test_prompt_bootstrap_ci_resamples_prompts():
+    from engine.mitigation_compare import prompt_bootstrap_ci
+    per_prompt = np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    lo, hi = prompt_bootstrap_ci(per_prompt, n_boot=4000)
+    # Prompt means are 1, 0, .5, .5: the resampled mean of 4 lies in [0, 1] in steps of 1/8 and
+    # its 2.5 / 97.5 percentiles are symmetric about 0.5.
+    assert 0.0 <= lo < 0.5 < hi <= 1.0 and lo == pytest.approx(1 - hi) and (lo * 8) == pytest.approx(round(lo * 8))
+
+
 def _load_tool(name: str):
     import sys
     if os.path.join(REPO, "tools") not in sys.path:
