@@ -105,7 +105,16 @@ def guidance_plot_html(audits: list[dict]) -> str:
         ax[2].plot(w, [a["quality"][name]["frechet_to_heldout"] for a in audits], "o-", label=name)
         ax[2].axhline(audits[0]["quality"][name]["real_train_vs_heldout"], ls=":", lw=0.8)
     ax[2].set(xlabel="guidance w", ylabel="Fréchet distance to held-out (dotted: real floor)", yscale="log")
-    ax[2].legend(fontsize=7)
+    ax[2].legend(fontsize=7, loc="upper left")
+    conf = [a["quality"].get("label_conformance") for a in audits]
+    if all(conf):   # prompt adherence: what lowering w costs
+        twin = ax[2].twinx()
+        twin.plot(w, [c["generated"]["macro_auc"] for c in conf], "k^-", label="label conformance (AUC)")
+        real_auc = (conf[0].get("real_heldout") or {}).get("macro_auc")
+        if real_auc is not None:
+            twin.axhline(real_auc, color="k", ls="--", lw=0.8, label="same, real held-out")
+        twin.set_ylabel("label conformance, macro AUC")
+        twin.legend(fontsize=7, loc="lower right")
     return _fig_html(fig)
 
 

@@ -201,13 +201,23 @@ def test_tools_end_to_end(run_dir, tmp_path):
     html_text = (tmp_path / "gs" / "report.html").read_text()
     assert "Against guidance" in html_text and "data:image/png;base64" in html_text
     assert "frontal PA chest x-ray, male, 30s" in html_text
+    pix = s["runs"]["w=1"]["copying"]["planted_pixels"]
+    assert pix["chance"] == pytest.approx(3 / 10)       # 3 of the 10 training images are the planted one
+    assert len(pix["own_correlation"]["values"]) == 2   # one planted prompt x 2 generations
 
+    lc = _load_tool("train_label_classifier")
+    r = runner.invoke(lc.main, ["--checkpoint", str(run_dir), "--epochs", "2", "--min-count", "2", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "labels: edema" in r.output and "nothing scored" in r.output   # validation prompts name no finding
     r = runner.invoke(mit.cli, ["compare", str(run_dir), str(run_dir), "--names", "a,b", "--prompts",
-                                str(run_dir / "prompts.txt"), "--out", str(tmp_path / "cmp"), *FAST])
+                                str(run_dir / "prompts.txt"), "--label-classifier", str(run_dir / "label_classifier"),
+                                "--out", str(tmp_path / "cmp"), *FAST])
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     a, b = s["runs"]["a"], s["runs"]["b"]
     assert a["per_prompt"] == b["per_prompt"] and a["quality"] == b["quality"]   # same model, same seeds
+    # Two edema prompts x 2 generations and one other prompt x 2: 4 positives, 2 negatives -> edema is scored.
+    assert a["quality"]["label_conformance"]["generated"]["n_labels_scored"] == 1
 
     r = runner.invoke(mit.cli, ["compare", str(run_dir), "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "at least two runs" in r.output
