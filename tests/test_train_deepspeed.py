@@ -189,3 +189,27 @@ def test_training_through_triton_kernels_follows_the_reference_loss_curve(tmp_pa
     a, b = (load_file(str(runs[m] / "export" / "model.safetensors")) for m in ("reference", "triton"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_dp_sgd_under_the_launcher_two_ranks_equal_one_process(tmp_path, dataset):
+    """DP-SGD through `deepspeed --num_gpus 2` against plain `python engine/train.py`: the same global
+    Poisson batches, each rank clipping its own share, the noise added once after the all-reduce from
+    the same seed -> the same weights (up to summation order) and the same privacy spent."""
+    dp = {"enabled": True, "clip_norm": 0.5, "noise_multiplier": 1.0, "expected_batch_size": 8, "delta": 1e-5}
+    runs = {}
+    for procs in (1, 2):
+        cfg = write_config(tmp_path / f"dp{procs}.json", dataset, output_dir=str(tmp_path / f"dp{procs}"),
+                           deepspeed={**TINY["deepspeed"], "zero_optimization": {"stage": 0},
+                                      "gradient_accumulation_steps": 1, "gradient_clipping": 0.0},
+                           model={**TINY["model"], "dropout": 0.0},
+                           training={**TINY["training"], "steps": 3, "checkpoint_every": 0}, dp=dp)
+        result = train(cfg, procs=procs)
+        assert f"{procs} rank(s) on cpu" in result.stdout
+        runs[procs] = tmp_path / f"dp{procs}"
+    one, two = final_params(runs[1]), final_params(runs[2])
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+    rows = {p: [json.loads(line) for line in (runs[p] / "metrics.jsonl").read_text().splitlines()] for p in (1, 2)}
+    eps = {p: [r[k] for r in rows[p] for k in r if k.startswith("dp/epsilon")] for p in (1, 2)}
+    assert eps[1] and eps[1] == pytest.approx(eps[2])
+    assert eps[1] == sorted(eps[1]) and eps[1][-1] > 0
