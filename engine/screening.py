@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from engine.diffusion import NoiseSchedule, eps_from_prediction
+from engine.diffusion import NoiseSchedule, eps_from_prediction, q_sample
 from engine.sampling import null_tokens_like
 
 UNITS = ("raw", "rms")
@@ -124,3 +124,29 @@ class ScreeningMonitor:
                "screening/skipped_steps": float(self.skipped_steps)}
         self.dropped = self.seen = 0
         return out
+
+
+@torch.no_grad()
+def magnitude_profile(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, tokens: torch.Tensor, *,
+                      draws: int = 4, seed: int = 0, batch_size: int = 256,
+                      parameterization: str = "eps") -> tuple[torch.Tensor, torch.Tensor]:
+    """What screening would see: L (rms) of every training example at `draws` seeded random t.
+
+    x0: [N, C, S, S] in [-1, 1]; tokens: [N, L]. Returns (t [N, draws], L_rms [N, draws]) so a tau can
+    be read off as a quantile, and the share it would drop checked per t and per example group.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = x0.shape[0]
+    ts = torch.randint(0, schedule.num_timesteps, (n, draws), generator=gen)
+    noise = torch.randn((draws, *x0.shape), generator=gen)
+    device = next(model.parameters()).device
+    out = torch.empty(n, draws)
+    for d in range(draws):
+        for i in range(0, n, batch_size):
+            t = ts[i:i + batch_size, d].to(device)
+            x = x0[i:i + batch_size].to(device)
+            x_t = q_sample(x, t, noise[d, i:i + batch_size].to(device), schedule)
+            _, rms = conditional_noise_magnitude(model, x_t, t, tokens[i:i + batch_size].to(device), schedule,
+                                                 parameterization)
+            out[i:i + batch_size, d] = rms.float().cpu()
+    return ts, out

@@ -221,3 +221,20 @@ def test_tools_end_to_end(run_dir, tmp_path):
 
     r = runner.invoke(mit.cli, ["compare", str(run_dir), "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "at least two runs" in r.output
+
+
+def test_screening_threshold_tool(run_dir, tmp_path):
+    """tau at the median of 10 examples x 4 draws drops exactly half of the draws; planted copies
+    (3 of the 10 training records) and the rest are reported separately."""
+    tool = _load_tool("screening_threshold")
+    out = tmp_path / "tau.json"
+    r = CliRunner().invoke(tool.main, ["--checkpoint", str(run_dir), "--quantile", "0.5", "--draws", "4",
+                                       "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["n_examples"] == 10 and doc["dropped"] == pytest.approx(0.5)
+    assert 0 <= doc["dropped_planted"] <= 1 and 0 <= doc["dropped_other"] <= 1
+    assert doc["dropped_planted"] * 3 + doc["dropped_other"] * 7 == pytest.approx(0.5 * 10)
+    assert f'"tau": {round(doc["tau_rms"], 6)}' in r.output
+    bad = CliRunner().invoke(tool.main, ["--checkpoint", str(run_dir), "--quantile", "1.5"])
+    assert bad.exit_code != 0 and "--quantile" in bad.output

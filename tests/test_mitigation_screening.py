@@ -81,3 +81,23 @@ def test_config_errors_name_the_key():
         ScreeningConfig(enabled=True, tau=0.0)
     with pytest.raises(ValueError, match=r"^screening\.typo"):
         ScreeningConfig.from_dict({"typo": 1})
+
+
+def test_magnitude_profile_is_the_slow_per_example_magnitude_at_its_drawn_t():
+    """The tau-calibration profile (tools/screening_threshold): for each example and draw, L at the
+    returned t equals the slow two-forward computation on the same x_t; chunking changes nothing."""
+    from engine.screening import magnitude_profile
+    model, _, _, tokens = setup()
+    x0 = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    ts, mag = magnitude_profile(model, SCHEDULE, x0, tokens, draws=3, seed=7, batch_size=4)
+    assert ts.shape == mag.shape == (10, 3) and ts.min() >= 0 and ts.max() < 200
+    gen = torch.Generator().manual_seed(7)           # the documented draw order: t, then noise
+    torch.randint(0, 200, (10, 3), generator=gen)
+    noise = torch.randn((3, 10, 1, 16, 16), generator=gen)
+    for d in range(3):
+        x_t = q_sample(x0, ts[:, d], noise[d], SCHEDULE)
+        ref = slow_magnitude(model, x_t, ts[:, d], tokens, "eps") / 16.0
+        torch.testing.assert_close(mag[:, d], ref, rtol=1e-4, atol=1e-6)
+    again = magnitude_profile(model, SCHEDULE, x0, tokens, draws=3, seed=7, batch_size=256)
+    torch.testing.assert_close(again[1], mag)
+    assert torch.equal(again[0], ts)
