@@ -7,10 +7,14 @@ One audit of a set of generations gives:
 - copying: every generation's highest similarity to any training image (Dar's copy-detection
   correlation when a detector is given, pixel Pearson correlation otherwise), the Dar copy rate at
   the detector's threshold (pixel space: the same 95th-percentile rule computed here), and for
-  planted prompts the share of generations whose nearest training image is the planted image;
+  planted prompts the share of generations whose nearest training image is the planted image —
+  in the primary space and, as model-free ground truth, in raw pixels with a prompt-resampled
+  interval and its chance level;
 - quality: Fréchet distance between generated and held-out real images in each feature space
   available offline (copy-detection embedding, CLIP if given, and 8x8 pixels always), next to the
-  same distance between real training and held-out images (the floor a perfect model would reach).
+  same distance between real training and held-out images (the floor a perfect model would reach);
+  with a label classifier, label conformance of the generations to their prompts next to the same
+  number on real held-out images.
 
 Generations come from engine.scan.scan_prompts (resumable; images saved as PNGs and read back) or
 from any other generator that yields a `Generations` (e.g. the optimised-embedding sampler).
