@@ -12,24 +12,21 @@ demo). Saved as safetensors weights + a JSON sidecar with the config and the thr
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from engine.nearest_neighbors import topk_neighbors
+from engine.network_files import load_network, save_network
 from engine.similarity import pearson_normalize
 
 BACKBONES = ("resnet50", "resnet18", "tiny")
-WEIGHTS_FILE = "copy_detector.safetensors"
-META_FILE = "copy_detector.json"
+NAME = "copy_detector"   # files: copy_detector.safetensors + copy_detector.json (engine.network_files)
 
 
 @dataclass(frozen=True)
@@ -127,34 +124,17 @@ class CopyDetector:
         return h.hexdigest()[:16]
 
     def save(self, out_dir: str) -> None:
-        os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tmp = os.path.join(out_dir, f".{WEIGHTS_FILE}.tmp{os.getpid()}")
-        save_file(state, tmp)
-        os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
-        meta = {"format": "memdiff-copy-detector", "config": asdict(self.cfg), "threshold": self.threshold,
-                **self.info}
-        tmp = os.path.join(out_dir, f".{META_FILE}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(out_dir, META_FILE))
+        save_network(out_dir, NAME, self.model, {"config": asdict(self.cfg), "threshold": self.threshold, **self.info})
 
 
 def load_copy_detector(path: str, device: str = "cpu") -> CopyDetector:
     """Load from a directory holding copy_detector.safetensors and copy_detector.json."""
-    meta_path, weights_path = os.path.join(path, META_FILE), os.path.join(path, WEIGHTS_FILE)
-    for p in (meta_path, weights_path):
-        if not os.path.isfile(p):
-            raise ValueError(f"{p}: missing (train one with tools/train_copy_detector)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != "memdiff-copy-detector":
-        raise ValueError(f"{meta_path}: not a memdiff copy-detector file")
-    cfg = CopyDetectorConfig(**meta["config"])
+    state, meta = load_network(path, NAME, "tools/train_copy_detector")
+    cfg = CopyDetectorConfig(**meta.pop("config"))
     model = build_embedder(cfg.backbone, cfg.embed_dim)
-    model.load_state_dict(load_file(weights_path))
-    info = {k: v for k, v in meta.items() if k not in ("format", "config", "threshold")}
-    return CopyDetector(model.to(device), cfg, meta.get("threshold"), info)
+    model.load_state_dict(state)
+    threshold = meta.pop("threshold", None)
+    return CopyDetector(model.to(device), cfg, threshold, meta)
 
 
 def max_correlation(queries: np.ndarray, keys: np.ndarray, chunk: int = 4096) -> np.ndarray:

@@ -12,23 +12,20 @@ AUCs); never pickled.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from data_pipeline.prompts import parse_prompt
+from engine.network_files import load_network, save_network
 from engine.roc import roc_metrics
 
-WEIGHTS_FILE = "label_classifier.safetensors"
-META_FILE = "label_classifier.json"
+NAME = "label_classifier"   # files: label_classifier.safetensors + .json (engine.network_files)
 
 
 @dataclass(frozen=True)
@@ -124,32 +121,16 @@ class LabelClassifier:
                              self.cfg.min_count)
 
     def save(self, out_dir: str) -> None:
-        os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        tmp = os.path.join(out_dir, f".{WEIGHTS_FILE}.tmp{os.getpid()}")
-        save_file(state, tmp)
-        os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
-        meta = {"format": "memdiff-label-classifier", "labels": self.labels, "config": asdict(self.cfg), **self.info}
-        tmp = os.path.join(out_dir, f".{META_FILE}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(out_dir, META_FILE))
+        save_network(out_dir, NAME, self.model, {"labels": self.labels, "config": asdict(self.cfg), **self.info})
 
 
 def load_label_classifier(path: str, device: str = "cpu") -> LabelClassifier:
-    meta_path, weights_path = os.path.join(path, META_FILE), os.path.join(path, WEIGHTS_FILE)
-    for p in (meta_path, weights_path):
-        if not os.path.isfile(p):
-            raise ValueError(f"{p}: missing (train one with tools/train_label_classifier)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != "memdiff-label-classifier":
-        raise ValueError(f"{meta_path}: not a memdiff label-classifier file")
-    cfg = LabelClassifierConfig(**meta["config"])
-    model = build_classifier(len(meta["labels"]), cfg.width)
-    model.load_state_dict(load_file(weights_path))
-    info = {k: v for k, v in meta.items() if k not in ("format", "labels", "config")}
-    return LabelClassifier(model.to(device), meta["labels"], cfg, info)
+    state, meta = load_network(path, NAME, "tools/train_label_classifier")
+    cfg = LabelClassifierConfig(**meta.pop("config"))
+    labels = meta.pop("labels")
+    model = build_classifier(len(labels), cfg.width)
+    model.load_state_dict(state)
+    return LabelClassifier(model.to(device), labels, cfg, meta)
 
 
 def train_label_classifier(train_images: np.ndarray, train_prompts: list[str], val_images: np.ndarray,

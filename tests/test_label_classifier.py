@@ -93,3 +93,18 @@ def test_audit_reports_conformance_of_generations_and_real_heldout():
     # 4 positives (2 bright, 2 dark) vs 4 negatives (2 dark, 2 bright): ties count half -> AUC 0.5.
     want = roc_auc_score([1, 1, 0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0, 1, 1])
     assert conf["generated"]["macro_auc"] == pytest.approx(want)
+
+
+def test_network_files_round_trip_and_one_line_errors(tmp_path):
+    from engine.network_files import load_network, save_network
+    net = torch.nn.Linear(3, 2)
+    save_network(str(tmp_path), "label_classifier", net, {"labels": ["edema"]})
+    state, meta = load_network(str(tmp_path), "label_classifier", "tools/train_label_classifier")
+    assert meta == {"labels": ["edema"]} and torch.equal(state["weight"], net.weight.detach())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["label_classifier.json", "label_classifier.safetensors"]
+    with pytest.raises(ValueError, match=r"copy_detector\.json: not a memdiff-copy-detector file"):
+        (tmp_path / "copy_detector.json").write_text('{"format": "memdiff-label-classifier"}')
+        (tmp_path / "copy_detector.safetensors").write_bytes((tmp_path / "label_classifier.safetensors").read_bytes())
+        load_network(str(tmp_path), "copy_detector", "tools/train_copy_detector")
+    with pytest.raises(ValueError, match=r"nothing/label_classifier\.json: missing \(train one with tools/train_label"):
+        load_network(str(tmp_path / "nothing"), "label_classifier", "tools/train_label_classifier")
