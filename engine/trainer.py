@@ -26,6 +26,7 @@ import torch.distributed as dist
 from data_pipeline.dataset import prepare_dataset
 from data_pipeline.loaders import make_loader
 from engine.checkpointing import latest_tag, load_checkpoint, save_checkpoint
+from engine.cluster_env import process_group_env
 from engine.config import TrainConfig, resolved_json
 from engine.diffusion import NoiseSchedule, loss_weights
 from engine.ema import EMA
@@ -65,12 +66,13 @@ def _free_port() -> int:
 
 
 def init_distributed(device: str) -> tuple[int, int, int]:
-    """Join the launcher's process group, or make a one-rank group for plain `python engine/train.py`."""
+    """Join the launcher's process group (deepspeed, torchrun, srun), or make a one-rank group for
+    plain `python engine/train.py`."""
     import deepspeed
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+        os.environ.update(process_group_env(dict(os.environ)))
+        if os.environ.get("WORLD_SIZE") == "1":   # a one-rank group may take any free port
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 

@@ -213,3 +213,26 @@ def test_dp_sgd_under_the_launcher_two_ranks_equal_one_process(tmp_path, dataset
     eps = {p: [r[k] for r in rows[p] for k in r if k.startswith("dp/epsilon")] for p in (1, 2)}
     assert eps[1] and eps[1] == pytest.approx(eps[2])
     assert eps[1] == sorted(eps[1]) and eps[1][-1] > 0
+
+
+def test_srun_style_start_forms_the_same_two_rank_job_as_the_deepspeed_launcher(tmp_path, dataset):
+    """Two plain `python engine/train.py` processes with only srun's variables (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST) join one two-rank group and train exactly as
+    `deepspeed --num_gpus 2` does on the same config (without the mapping each would train alone)."""
+    training = {**TINY["training"], "steps": 2, "checkpoint_every": 0}
+    launched = write_config(tmp_path / "ds.json", dataset, output_dir=str(tmp_path / "ds"), training=training)
+    train(launched, procs=2)
+    srun_cfg = write_config(tmp_path / "srun.json", dataset, output_dir=str(tmp_path / "srun"), training=training)
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), SLURM_PROCID=str(rank), SLURM_NTASKS="2",
+                   SLURM_LOCALID=str(rank), SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="42", MASTER_PORT=port)
+        procs.append(subprocess.Popen([str(PYTHON), "engine/train.py", "--config", str(srun_cfg)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    assert "2 rank(s) on cpu" in outputs[0]
+    assert_bitwise(final_params(tmp_path / "ds"), final_params(tmp_path / "srun"))
+    assert losses(tmp_path / "ds") == losses(tmp_path / "srun")
