@@ -8,6 +8,7 @@ Variants (batch 16, 32 px, the model of configs/demo_cpu.json when present):
   dp_ghost     engine.dp_sgd.DPSGD with per-sample norms from activations and output gradients
                (kernels.dp_clip: direct or Gram "ghost" rule per layer, no per-sample gradients)
   dp_vmap      the exact torch.func (vmap of grad) per-sample gradients, for comparison
+  *_k4         the same with noise multiplicity K = 4 (four noise draws per image, 64 network rows)
 """
 from __future__ import annotations
 
@@ -40,7 +41,12 @@ def demo_model_config() -> UNetConfig:
                       attention_resolutions=(8,), context_dim=64, encoder_layers=2, vocab_size=96, max_tokens=32)
 
 
+VARIANTS = ["nonprivate", "dp_ghost", "dp_vmap", "nonprivate_k4", "dp_ghost_k4", "dp_vmap_k4"]
+
+
 def setup(variant: str):
+    k = 4 if variant.endswith("_k4") else 1
+    variant = variant.removesuffix("_k4")
     torch.manual_seed(0)
     cfg = demo_model_config()
     model = ConditionalUNet(cfg)
@@ -48,7 +54,7 @@ def setup(variant: str):
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(BATCH, 1, SIZE, SIZE, generator=g) * 2 - 1
     tokens = torch.randint(2, cfg.vocab_size, (BATCH, cfg.max_tokens), generator=g)
-    batch = make_dp_batch(x0, tokens, torch.arange(BATCH), schedule, seed=0, step=0)
+    batch = make_dp_batch(x0, tokens, torch.arange(BATCH), schedule, seed=0, step=0, multiplicity=k)
     loss_fn = diffusion_loss_fn(schedule)
     if variant == "nonprivate":
         def step():
@@ -56,12 +62,13 @@ def setup(variant: str):
             loss_fn(model, batch).mean().backward()
         return step
     resolved = DPConfig(enabled=True, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=BATCH,
+                        noise_multiplicity=k,
                         norm_method="ghost" if variant == "dp_ghost" else "vmap").resolve(100 * BATCH, 1000)
     dp = DPSGD(model, resolved, seed=0)
     return lambda: dp.backward(loss_fn, batch, 0)
 
 
-@pytest.mark.parametrize("variant", ["nonprivate", "dp_ghost", "dp_vmap"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_dp_step_time(benchmark, variant):
     torch.set_num_threads(1)
     step = setup(variant)
@@ -74,7 +81,7 @@ def test_dp_step_time(benchmark, variant):
 def main() -> None:
     torch.set_num_threads(1)
     times = {}
-    for variant in ("nonprivate", "dp_ghost", "dp_vmap"):
+    for variant in VARIANTS:
         step = setup(variant)
         step()
         t0 = time.perf_counter()
@@ -82,7 +89,8 @@ def main() -> None:
             step()
         times[variant] = (time.perf_counter() - t0) / 3
     for variant, t in times.items():
-        print(f"{variant:11s} {t * 1000:8.1f} ms/step  x{t / times['nonprivate']:.2f}")
+        base = times["nonprivate_k4" if variant.endswith("_k4") else "nonprivate"]
+        print(f"{variant:14s} {t * 1000:8.1f} ms/step  x{t / base:.2f} of the non-private step")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ at C: that is what the accountant (engine.privacy) assumes.
 How it is computed:
   * norms: `kernels.dp_clip.PerSampleNormHooks` ("ghost" norms from each layer's activations and
     output gradients, no per-sample gradient materialised), then the re-weighted backward of
-    sum_i c_i loss_i. When the model has a layer without a per-sample rule, or K > 1 (one image
-    is K rows of the network batch, which the hooks do not group), the exact fallback "vmap" forms
-    per-sample gradients with torch.func in chunks of samples (memory: chunk x parameters).
+    sum_i c_i loss_i. With K > 1 one example is K consecutive rows of the network batch; the hooks
+    fold them into the example's positions. When the model has a layer without a per-sample rule,
+    the exact fallback "vmap" forms per-sample gradients with torch.func in chunks of samples
+    (memory: chunk x parameters).
   * several ranks: every rank clips its own samples, the clipped sums are all-reduced (SUM), and
     the noise is added AFTER the reduction on every rank from the same Philox seed, so it is added
     once for the global batch and every rank holds the same gradient. With the same samples this is
@@ -311,13 +312,9 @@ class DPSGD:
         self.group = process_group
         self.method = cfg.norm_method
         self.hooks: PerSampleNormHooks | None = None
-        if self.method == "auto" and cfg.noise_multiplicity > 1:
-            self.method = "vmap"  # the hooks see K rows per sample and have no grouping rule
-        if self.method == "ghost" and cfg.noise_multiplicity > 1:
-            raise ValueError("dp.norm_method: 'ghost' does not support dp.noise_multiplicity > 1; use 'vmap' or 'auto'")
         if self.method in ("auto", "ghost"):
-            try:
-                self.hooks = PerSampleNormHooks(model)
+            try:   # the loss repeats each example K times consecutively (diffusion_loss_fn)
+                self.hooks = PerSampleNormHooks(model, rows_per_sample=cfg.noise_multiplicity)
             except ValueError as exc:
                 if self.method == "ghost":
                     raise

@@ -135,31 +135,50 @@ def direct_sq_norms_triton(a: torch.Tensor, b: torch.Tensor, block_t: int = 32, 
 
 # ----------------------------------------------------------------------------- per-layer rules
 
-def linear_weight_sq_norms(a: torch.Tensor, b: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """Per-sample ||dL_i/dW||_F^2 for y = x W^T, a = x [B, *, P], b = dL/dy [B, *, Q] -> [B] (fp32/fp64)."""
+def grouped_direct_sq_norms_reference(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+    """sum((sum_k A_ik^T B_ik)^2) per sample for a [B*K, T, P], b [B*K, T, Q]: one product per row,
+    summed over the sample's K rows before squaring (no copy of the activations to fold them)."""
+    bsz, out = a.shape[0] // rows, []
+    step = _chunks(bsz, rows * a.shape[2] * b.shape[2])
+    for s in range(0, bsz, step):
+        r = slice(s * rows, (s + step) * rows)
+        prod = torch.bmm(a[r].transpose(1, 2), b[r])
+        out.append(prod.reshape(-1, rows, *prod.shape[1:]).sum(dim=1).square().sum(dim=(1, 2)))
+    return torch.cat(out)
+
+
+def linear_weight_sq_norms(a: torch.Tensor, b: torch.Tensor, method: str = "auto",
+                           rows_per_sample: int = 1) -> torch.Tensor:
+    """Per-sample ||dL_i/dW||_F^2 for y = x W^T, a = x [B*K, *, P], b = dL/dy [B*K, *, Q] -> [B]
+    (fp32/fp64); sample i owns rows i*K .. i*K+K-1 (K = rows_per_sample, DP noise multiplicity)."""
     if method not in METHODS:
         raise ValueError(f"linear_weight_sq_norms: method {method!r} not in {METHODS}")
-    bsz = a.shape[0]
+    k = rows_per_sample
     cdt = torch.promote_types(a.dtype, torch.float32)
-    a = a.reshape(bsz, -1, a.shape[-1])
-    b = b.reshape(bsz, -1, b.shape[-1])
-    t, p, q = a.shape[1], a.shape[2], b.shape[2]
+    a = a.reshape(a.shape[0], -1, a.shape[-1])
+    b = b.reshape(b.shape[0], -1, b.shape[-1])
+    t, p, q = a.shape[1] * k, a.shape[2], b.shape[2]        # t: positions per sample
     if t == 1:
         return a.to(cdt).square().sum(dim=(1, 2)) * b.to(cdt).square().sum(dim=(1, 2))
     if method == "auto":
         method = choose_method(t, p, q)
     if method == "direct":
+        if k > 1:
+            return grouped_direct_sq_norms_reference(a.to(cdt), b.to(cdt), k)
         if triton is not None and a.dtype != torch.float64 and use_triton(a, b):
             return direct_sq_norms_triton(a, b)
         return direct_sq_norms_reference(a.to(cdt), b.to(cdt))
-    return ghost_sq_norms_reference(a.to(cdt), b.to(cdt))
+    # Gram identity over all of a sample's positions, its K rows' included
+    return ghost_sq_norms_reference(a.to(cdt).reshape(-1, t, p), b.to(cdt).reshape(-1, t, q))
 
 
-def conv2d_weight_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d, method: str = "auto") -> torch.Tensor:
-    """Per-sample ||dL_i/dW||^2 of a groups=1 Conv2d from its input x and output gradient (im2col)."""
+def conv2d_weight_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d, method: str = "auto",
+                           rows_per_sample: int = 1) -> torch.Tensor:
+    """Per-sample ||dL_i/dW||^2 of a groups=1 Conv2d from its input x and output gradient (im2col).
+    With rows_per_sample K, rows i*K .. i*K+K-1 belong to sample i: their patches are one sample's."""
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    g = grad_out.flatten(2)                                      # [B, C_out, L]
-    return linear_weight_sq_norms(cols.transpose(1, 2), g.transpose(1, 2), method)
+    g = grad_out.flatten(2)                                      # [B*K, C_out, L]
+    return linear_weight_sq_norms(cols.transpose(1, 2), g.transpose(1, 2), method, rows_per_sample)
 
 
 def bias_sq_norms(grad_out: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -222,10 +241,13 @@ class PerSampleNormHooks:
     `positions.expand(B, L)` instead).
     """
 
-    def __init__(self, model: nn.Module, method: str = "auto") -> None:
+    def __init__(self, model: nn.Module, method: str = "auto", rows_per_sample: int = 1) -> None:
         if method not in METHODS:
             raise ValueError(f"PerSampleNormHooks: method {method!r} not in {METHODS}")
+        if not (isinstance(rows_per_sample, int) and rows_per_sample >= 1):
+            raise ValueError(f"PerSampleNormHooks: rows_per_sample must be an integer >= 1, got {rows_per_sample!r}")
         self.method = method
+        self.rows = rows_per_sample   # K consecutive batch rows per sample (DP noise multiplicity)
         self.model = model
         self._records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
         self._in_backward = False
@@ -272,24 +294,32 @@ class PerSampleNormHooks:
         self._records.clear()
 
     def _layer_sq_norms(self, label, module, x, g) -> torch.Tensor:
+        """Per-sample squared norm of one layer's parameter gradients. A sample's K rows are folded
+        into its position axis: its gradient is the sum over rows and positions alike."""
         w = module.weight if module.weight is not None and module.weight.requires_grad else None
         bias = getattr(module, "bias", None)
         bias = bias if bias is not None and bias.requires_grad else None
+        bsz = x.shape[0] // self.rows
+
+        def fold_last(t: torch.Tensor) -> torch.Tensor:   # [B*K, ..., D] -> [B, K*..., D]
+            return t.reshape(bsz, -1, t.shape[-1])
+
         if isinstance(module, nn.Linear):
-            total = linear_weight_sq_norms(x, g, self.method) if w is not None else 0.0
-            return total + (bias_sq_norms(g, -1) if bias is not None else 0.0)
+            total = linear_weight_sq_norms(x, g, self.method, self.rows) if w is not None else 0.0
+            return total + (bias_sq_norms(fold_last(g), -1) if bias is not None else 0.0)
         if isinstance(module, nn.Conv2d):
-            total = conv2d_weight_sq_norms(x, g, module, self.method) if w is not None else 0.0
-            return total + (bias_sq_norms(g, 1) if bias is not None else 0.0)
+            total = conv2d_weight_sq_norms(x, g, module, self.method, self.rows) if w is not None else 0.0
+            return total + (bias_sq_norms(fold_last(g.movedim(1, -1)), -1) if bias is not None else 0.0)
         if isinstance(module, nn.GroupNorm):
             x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
-            return norm_layer_sq_norms(x_hat, g, 1, w is not None, bias is not None, channels_last=False)
+            return norm_layer_sq_norms(fold_last(x_hat.movedim(1, -1)), fold_last(g.movedim(1, -1)), 1,
+                                       w is not None, bias is not None, channels_last=True)
         if isinstance(module, nn.LayerNorm):
-            dims = len(module.normalized_shape)
-            x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
-            return norm_layer_sq_norms(x_hat, g, dims, w is not None, bias is not None, channels_last=True)
+            x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps).flatten(x.dim() - len(module.normalized_shape))
+            return norm_layer_sq_norms(fold_last(x_hat), fold_last(g.flatten(g.dim() - len(module.normalized_shape))), 1,
+                                       w is not None, bias is not None, channels_last=True)
         if isinstance(module, nn.Embedding):
-            return embedding_sq_norms(x, g, module.padding_idx)
+            return embedding_sq_norms(x.reshape(bsz, -1), fold_last(g), module.padding_idx)
         raise AssertionError(type(module))
 
     def sq_norms(self, per_sample_loss: torch.Tensor, retain_graph: bool = True) -> torch.Tensor:
@@ -307,9 +337,9 @@ class PerSampleNormHooks:
             if isinstance(module, (nn.Linear, nn.Embedding)) and x.dim() < 2:
                 raise ValueError(f"PerSampleNormHooks: layer '{label}' called on input {tuple(x.shape)} without a "
                                  f"batch dim; call it on inputs with the batch first (e.g. positions.expand(B, L))")
-            if x.shape[0] != bsz:
+            if x.shape[0] != bsz * self.rows:
                 raise ValueError(f"PerSampleNormHooks: layer '{label}' saw batch dim {x.shape[0]} != {bsz} samples "
-                                 f"(input shape {tuple(x.shape)})")
+                                 f"x {self.rows} rows (input shape {tuple(x.shape)})")
         self._in_backward = True
         try:
             grads = torch.autograd.grad(per_sample_loss.sum(), [r[3] for r in records],

@@ -249,3 +249,43 @@ def test_whole_tiny_unet_matches_torch_func_float64(dp):
     want = sq_norms_of(per_sample_grads(model, mse, (x, t, tokens)))
     got = dp.PerSampleNormHooks(model).sq_norms(mse(model(x, t, tokens)))
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_rows_per_sample_groups_consecutive_rows_float64(dp, k):
+    """Noise multiplicity: sample i is rows i*K .. i*K+K-1 and its loss the mean over them. The
+    hooks' grouped norms equal torch.func per-sample gradients of that grouped loss, on the whole
+    tiny U-Net (convs, GroupNorm, attention, LayerNorm, embeddings) and on the layer stack."""
+    unet, _ = _engine_blocks()
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    cfg = unet.UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(4,), num_heads=2, vocab_size=16, max_tokens=5,
+                          context_dim=8, encoder_layers=1, encoder_heads=2)
+    model = unet.ConditionalUNet(cfg).double()
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.2)
+    gen = torch.Generator().manual_seed(seed)
+    b = 3
+    x = torch.randn(b, k, 1, 8, 8, generator=gen, dtype=torch.float64)     # K draws of x_t per sample
+    t = torch.randint(0, 1000, (b, k), generator=gen)
+    tokens = torch.randint(2, 16, (b, 5), generator=gen)
+    tokens[:, 3:] = 0
+
+    class Grouped(nn.Module):   # one sample = its K rows; loss = mean over them
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, xs, ts, tok):
+            n = xs.shape[0]
+            return self.m(xs.flatten(0, 1), ts.flatten(), tok.repeat_interleave(k, 0)).reshape(n, k, -1)
+
+    grouped = Grouped()
+    want = sq_norms_of(per_sample_grads(grouped, lambda out: out.square().mean(dim=(1, 2)), (x, t, tokens)))
+    hooks = dp.PerSampleNormHooks(model, rows_per_sample=k)
+    got = hooks.sq_norms(grouped(x, t, tokens).square().mean(dim=(1, 2)))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0, msg=f"seed {seed}")
+    # Without grouping the hooks refuse: K*B rows for B losses.
+    with pytest.raises(ValueError, match=r"saw batch dim"):
+        dp.PerSampleNormHooks(model).sq_norms(grouped(x, t, tokens).square().mean(dim=(1, 2)))
