@@ -231,9 +231,10 @@ def test_unsupported_and_misused_layers_raise(dp):
         dp.PerSampleNormHooks(m).sq_norms(mse(m(torch.randn(2, 4, 3))))
 
 
-def test_whole_tiny_unet_matches_torch_func_float64(dp):
+def _tiny_unet_float64(seed: int):
+    """The engine's whole U-Net (convs, GroupNorm, attention, LayerNorm, embeddings), 8 px, float64,
+    with every parameter random so that no per-sample gradient vanishes."""
     unet, _ = _engine_blocks()
-    seed = fresh_seed()
     torch.manual_seed(seed)
     cfg = unet.UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                           attention_resolutions=(4,), num_heads=2, vocab_size=16, max_tokens=5,
@@ -241,6 +242,12 @@ def test_whole_tiny_unet_matches_torch_func_float64(dp):
     model = unet.ConditionalUNet(cfg).double()
     for p in model.parameters():
         nn.init.normal_(p, std=0.2)
+    return model
+
+
+def test_whole_tiny_unet_matches_torch_func_float64(dp):
+    seed = fresh_seed()
+    model = _tiny_unet_float64(seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
     t = torch.randint(0, 1000, (3,), generator=gen)
@@ -256,15 +263,8 @@ def test_rows_per_sample_groups_consecutive_rows_float64(dp, k):
     """Noise multiplicity: sample i is rows i*K .. i*K+K-1 and its loss the mean over them. The
     hooks' grouped norms equal torch.func per-sample gradients of that grouped loss, on the whole
     tiny U-Net (convs, GroupNorm, attention, LayerNorm, embeddings) and on the layer stack."""
-    unet, _ = _engine_blocks()
     seed = fresh_seed()
-    torch.manual_seed(seed)
-    cfg = unet.UNetConfig(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                          attention_resolutions=(4,), num_heads=2, vocab_size=16, max_tokens=5,
-                          context_dim=8, encoder_layers=1, encoder_heads=2)
-    model = unet.ConditionalUNet(cfg).double()
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.2)
+    model = _tiny_unet_float64(seed)
     gen = torch.Generator().manual_seed(seed)
     b = 3
     x = torch.randn(b, k, 1, 8, 8, generator=gen, dtype=torch.float64)     # K draws of x_t per sample
