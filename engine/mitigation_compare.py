@@ -9,7 +9,7 @@ One audit of a set of generations gives:
   the detector's threshold (pixel space: the same 95th-percentile rule computed here), and for
   planted prompts the share of generations whose nearest training image is the planted image —
   in the primary space and, as model-free ground truth, in raw pixels with a prompt-resampled
-  interval and its chance level;
+  interval and the null rate of generations that never asked for the planted image;
 - quality: Fréchet distance between generated and held-out real images in each feature space
   available offline (copy-detection embedding, CLIP if given, and 8x8 pixels always), next to the
   same distance between real training and held-out images (the floor a perfect model would reach);
@@ -119,8 +119,10 @@ def planted_pixel_match(gen: Generations, real: RealImages, manifest: dict, cach
 
     Pixel Pearson correlation needs no learned model, so this is the audit's ground truth for the
     planted duplicates: for every planted generation, its correlation to its own planted image and
-    whether that image is its nearest training image. `chance` is the share of training images that
-    are copies of one planted image, the nearest-is-planted rate of a generation unrelated to it.
+    whether that image is its nearest training image. `null_rate` is the same event for generations
+    that never asked for it: the share of the audit's non-planted prompts' generations whose nearest
+    training image is a given planted image, averaged over the planted images (None without
+    non-planted prompts) — the level a mitigation that removes the copying should come down to.
     """
     sources = planted_sources(gen, manifest)
     if not sources:
@@ -128,24 +130,35 @@ def planted_pixel_match(gen: Generations, real: RealImages, manifest: dict, cach
     if "pixel_train" not in cache:
         cache["pixel_train"] = pearson_normalize(torch.from_numpy(real.train.reshape(len(real.train), -1)).float())
     train_vec = cache["pixel_train"]
+    train_paths = np.array(real.train_paths)
     g = gen.images.shape[1]
-    own, hits_per_prompt, copies_per_source = [], [], []
+
+    def nearest_paths(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = pearson_normalize(torch.from_numpy(images.reshape(len(images), -1)).float())
+        corr = (q @ train_vec.T).numpy()                              # [n, N]
+        return corr, train_paths[corr.argmax(1)]
+
+    own, hits_per_prompt, source_paths = [], [], []
     for i, paths in sources.items():
-        mine = np.array([p in paths for p in real.train_paths])
+        mine = np.isin(train_paths, list(paths))
         if not mine.any():
             continue
-        copies_per_source.append(int(mine.sum()))
-        q = pearson_normalize(torch.from_numpy(gen.images[i].reshape(g, -1)).float())
-        corr = (q @ train_vec.T).numpy()                             # [G, N]
+        source_paths.append(list(paths))
+        corr, nearest = nearest_paths(gen.images[i])
         own += corr[:, mine].max(1).tolist()
-        hits_per_prompt.append(mine[corr.argmax(1)].astype(np.float64))
+        hits_per_prompt.append(np.isin(nearest, list(paths)).astype(np.float64))
     if not own:
         return {}
+    others = [i for i, group in enumerate(gen.groups) if group != "planted"]
+    null_rate = None
+    if others:
+        _, nearest = nearest_paths(gen.images[others].reshape(-1, *gen.images.shape[2:]))
+        null_rate = float(np.mean([np.isin(nearest, paths).mean() for paths in source_paths]))
     hits = np.stack(hits_per_prompt)                                 # [P_planted, G]
     return {"own_correlation": _summary(np.array(own)),
             "nearest_is_planted_fraction": float(hits.mean()),
             "nearest_is_planted_ci95": prompt_bootstrap_ci(hits),
-            "chance": float(np.mean(copies_per_source)) / len(real.train_paths)}
+            "null_rate": null_rate, "n_null_generations": len(others) * g}
 
 
 def prompt_bootstrap_ci(per_prompt: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
@@ -323,8 +336,8 @@ def headline(audit: dict) -> dict:
     pix = cop.get("planted_pixels") or {}
     if pix:
         row["planted: nearest is planted image (pixels)"] = pix["nearest_is_planted_fraction"]
-        row["  95% interval (prompts resampled); chance"] = \
-            "[{:.3g}, {:.3g}]; {:.3g}".format(*pix["nearest_is_planted_ci95"], pix["chance"])
+        row["  95% interval (prompts resampled); null rate (other prompts' generations)"] = \
+            "[{:.3g}, {:.3g}]; {}".format(*pix["nearest_is_planted_ci95"], _fmt(pix["null_rate"]))
         row["planted: correlation to own planted image, median (pixels)"] = pix["own_correlation"]["median"]
     for name, v in q.items():
         if name == "label_conformance":

@@ -98,7 +98,8 @@ def guidance_plot_html(audits: list[dict]) -> str:
     pix = [a["copying"].get("planted_pixels") or {} for a in audits]
     if all(pix):   # the ground truth for planted duplicates: is the nearest training image the planted one?
         ax[1].plot(w, [p["nearest_is_planted_fraction"] for p in pix], "rs-", label="planted: nearest is planted (pixels)")
-        ax[1].axhline(pix[0]["chance"], color="r", ls=":", lw=0.8, label="chance")
+        if all(p["null_rate"] is not None for p in pix):
+            ax[1].plot(w, [p["null_rate"] for p in pix], "r:", marker=".", label="null: other prompts' generations")
     ax[1].set(xlabel="guidance w", ylabel=f"fraction of generations (copy rate: {audits[0]['copying']['space']})")
     ax[1].legend(fontsize=7)
     for name in [n for n, v in audits[0]["quality"].items() if "frechet_to_heldout" in v]:

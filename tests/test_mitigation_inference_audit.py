@@ -74,7 +74,9 @@ def test_planted_pixel_match_against_numpy():
     paths[4] = paths[2]
     manifest = {"planted": [{"token": "tok0000", "image_path": "/img/2.png", "copies": 2}]}
     noisy = np.clip(train[2].astype(int) + np.random.default_rng(0).integers(-20, 21, train[2].shape), 0, 255)
-    images = np.stack([np.stack([train[2], noisy.astype(np.uint8), train[7]]), _blobs(3, 16, 9)])
+    # The ordinary prompt's first generation happens to be the planted image: the null rate sees it.
+    images = np.stack([np.stack([train[2], noisy.astype(np.uint8), train[7]]),
+                       np.concatenate([train[4][None], _blobs(2, 16, 9)])])
     gen = Generations(["x | tok0000", "y"], ["planted", "ordinary"], [0, 1], np.ones((2, 3, 2), np.float32), images)
     a = audit_generations(gen, RealImages(train, paths, _blobs(4, 16, 4)), manifest=manifest, threshold=1.0)
     pix = a["copying"]["planted_pixels"]
@@ -86,7 +88,10 @@ def test_planted_pixel_match_against_numpy():
     want_nearest = [int(np.argmax([corr(im, t) for t in train])) in (2, 4) for im in images[0]]
     assert want_nearest == [True, True, False]
     assert pix["nearest_is_planted_fraction"] == pytest.approx(2 / 3)
-    assert pix["chance"] == pytest.approx(2 / 10)
+    # Null rate: the ordinary prompt's 3 generations, how many have the planted image as nearest.
+    want_null = np.mean([int(np.argmax([corr(im, t) for t in train])) in (2, 4) for im in images[1]])
+    assert want_null >= 1 / 3                      # at least the planted copy; the check is not vacuous
+    assert pix["null_rate"] == pytest.approx(want_null) and pix["n_null_generations"] == 3
     lo, hi = pix["nearest_is_planted_ci95"]        # one planted prompt: resampling it changes nothing
     assert lo == pytest.approx(2 / 3) and hi == pytest.approx(2 / 3)
 
@@ -202,7 +207,7 @@ def test_tools_end_to_end(run_dir, tmp_path):
     assert "Against guidance" in html_text and "data:image/png;base64" in html_text
     assert "frontal PA chest x-ray, male, 30s" in html_text
     pix = s["runs"]["w=1"]["copying"]["planted_pixels"]
-    assert pix["chance"] == pytest.approx(3 / 10)       # 3 of the 10 training images are the planted one
+    assert pix["n_null_generations"] == 4 and 0 <= pix["null_rate"] <= 1   # control + ordinary prompt x 2
     assert len(pix["own_correlation"]["values"]) == 2   # one planted prompt x 2 generations
 
     lc = _load_tool("train_label_classifier")
