@@ -33,14 +33,6 @@ class AugmentConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"augment.{name}: must be >= 0, got {getattr(self, name)}")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "AugmentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"augment.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**d)
-
 
 @dataclasses.dataclass
 class AugmentParams:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -106,18 +106,6 @@ class DPConfig:
                 raise ValueError("dp.noise_multiplier: give exactly one of dp.noise_multiplier and dp.target_epsilon")
             if (self.sample_rate is None) == (self.expected_batch_size is None):
                 raise ValueError("dp.sample_rate: give exactly one of dp.sample_rate and dp.expected_batch_size")
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "DPConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"dp.{key}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def resolve(self, num_examples: int, planned_steps: int) -> "ResolvedDP":
         """Fix q and sigma for a dataset of `num_examples` and a run of `planned_steps` steps."""

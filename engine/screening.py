@@ -11,7 +11,7 @@ batched [cond; uncond] forward gives both. `units` picks raw L (sum over C*H*W) 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,18 +37,6 @@ class ScreeningConfig:
             raise ValueError(f"screening.tau: expected a finite number > 0, got {self.tau!r}")
         if self.units not in UNITS:
             raise ValueError(f"screening.units: expected one of {UNITS}, got {self.units!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "ScreeningConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"screening.{key}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
