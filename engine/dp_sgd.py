@@ -170,6 +170,8 @@ def poisson_batches(images: np.ndarray | torch.Tensor, tokens: torch.Tensor, sam
                     rank: int = 0, world_size: int = 1, start_step: int = 0, augment=None,
                     device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Infinite stream of this rank's (images float [-1,1] [b,1,S,S], tokens [b,L], index [b]) per step.
+    Images and tokens go to `device`; the example index stays on the CPU, where the per-example
+    randomness of `make_dp_batch` is drawn from it.
 
     images: uint8 [N, S, S] (SplitData.images); b may be 0 on a step. `augment` is an
     `AugmentConfig` applied by `data_pipeline.augment.augment_batch` with a (seed, step, rank) generator.
@@ -184,7 +186,7 @@ def poisson_batches(images: np.ndarray | torch.Tensor, tokens: torch.Tensor, sam
             from data_pipeline.augment import augment_batch  # noqa: PLC0415 - only when augmenting
             gen = torch.Generator().manual_seed(int(_rng(seed, step, rank, 0xA06).integers(2**62)))
             x = augment_batch(x, augment, gen)
-        yield x.to(device), tokens[idx].to(device), idx.to(device)
+        yield x.to(device), tokens[idx].to(device), idx
         step += 1
 
 
@@ -210,7 +212,7 @@ def make_dp_batch(x0: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, s
                   seed: int, step: int, multiplicity: int = 1, p_uncond: float = 0.0) -> Batch:
     """The inputs of `diffusion_loss_fn` for this rank's examples; prompts are replaced by the null
     prompt with probability p_uncond (classifier-free guidance training), decided per example."""
-    t, noise, u = diffusion_inputs(index.cpu(), tuple(x0.shape[1:]), schedule.num_timesteps, seed=seed, step=step,
+    t, noise, u = diffusion_inputs(index, tuple(x0.shape[1:]), schedule.num_timesteps, seed=seed, step=step,
                                    multiplicity=multiplicity)
     if p_uncond > 0 and len(u):
         drop = (u < p_uncond).to(tokens.device)

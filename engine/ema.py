@@ -26,7 +26,6 @@ class EMA:
     def __init__(self, module: nn.Module, decay: float, warmup: bool = True, keep: bool = True) -> None:
         """`module` is the unwrapped model; `keep` is True on the rank that stores the average."""
         self.decay, self.warmup, self.keep = decay, warmup, keep
-        self.names = [n for n, _ in module.named_parameters()]
         self.shadow: dict[str, torch.Tensor] = {}
         self._for_each_full_param(module, lambda name, p: self.shadow.__setitem__(name, p.detach().float().clone()))
 

@@ -43,7 +43,10 @@ class ScreeningConfig:
 class ScreenResult:
     keep: torch.Tensor        # [B] bool: samples that stay in the loss
     magnitude: torch.Tensor   # [B] L in the configured units
-    fraction_dropped: float
+
+    @property
+    def fraction_dropped(self) -> float:   # a host sync: for reports, not the training step
+        return 1.0 - float(self.keep.float().mean()) if self.keep.numel() else 0.0
 
 
 @torch.no_grad()
@@ -74,9 +77,7 @@ def screen(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.T
     and skips the optimizer step when keep is all False."""
     raw, rms = conditional_noise_magnitude(model, x_t, t, tokens, schedule, parameterization, pred_cond)
     mag = raw if cfg.units == "raw" else rms
-    keep = mag <= cfg.tau
-    dropped = 1.0 - float(keep.float().mean()) if keep.numel() else 0.0
-    return ScreenResult(keep=keep, magnitude=mag, fraction_dropped=dropped)
+    return ScreenResult(keep=mag <= cfg.tau, magnitude=mag)
 
 
 def screened_mean(per_sample_loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -98,10 +99,10 @@ class ScreeningMonitor:
         import torch.distributed as dist  # noqa: PLC0415
 
         res = screen(model, x_t, t, tokens, self.cfg, self.schedule, self.parameterization, pred_cond)
-        counts = torch.tensor([float(res.keep.sum()), float(res.keep.numel())], device=x_t.device)
+        counts = torch.stack([res.keep.sum(), torch.tensor(res.keep.numel(), device=res.keep.device)]).float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)  # every rank must agree on skipping the step
-        kept, total = int(counts[0]), int(counts[1])
+        kept, total = (int(v) for v in counts.tolist())   # the one host sync: the skip decision needs it
         self.dropped += total - kept
         self.seen += total
         return res.keep, kept > 0

@@ -240,9 +240,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
 
     def write_samples(step: int) -> None:
         if is_main:
-            panels = []
+            panels, model_ema = [], ema_model()   # one EMA copy for every guidance panel
             for w in guidance:
-                images = generate(ema_model(), schedule, prompt_tokens, cfg.logging.sample_seeds, guidance=w,
+                images = generate(model_ema, schedule, prompt_tokens, cfg.logging.sample_seeds, guidance=w,
                                   steps=cfg.logging.sample_steps, sampler=cfg.logging.sample_sampler,
                                   parameterization=param, device=dev)
                 panels.append((f"w = {w:g}", to_uint8(images)))
