@@ -274,7 +274,9 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
                 pick = np.random.default_rng(0).choice(len(real.train), n_ref, replace=False)
                 cache[f"fd_{name}"] = (held, frechet_distance_features(np.asarray(embed(real.train[pick])), held))
             held, floor = cache[f"fd_{name}"]
-            quality[name] = {"frechet_to_heldout": frechet_distance_features(np.asarray(embed(flat), np.float64), held),
+            # the copy detector already embedded these generations for the copy statistics above
+            feats = gen_emb if name == "copy_detector" and space == "copy_detector" else embed(flat)
+            quality[name] = {"frechet_to_heldout": frechet_distance_features(np.asarray(feats, np.float64), held),
                              "real_train_vs_heldout": floor, "n_generated": int(len(flat)), "n_heldout": int(len(held))}
     if label_classifier is not None:
         # The prompt asked for these findings: does the classifier see them in the generations?

@@ -9,18 +9,16 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.cache import load_or_build_cache
 from engine.memorization import DetectorSettings, prompt_seeds
 from engine.mitigation_compare import Generations, RealImages, audit_series, scan_generations
 from engine.prompt_optimization import optimize_prompt_embedding
-from engine.run_images import read_manifest, read_splits
+from engine.run_images import load_split_cache, read_manifest, read_splits, split_prompts
 from engine.sampling import sample, seeded_noise
 from engine.scan import PromptList, encode_prompts, prompt_groups, training_prompt_list
 
@@ -28,25 +26,20 @@ from engine.scan import PromptList, encode_prompts, prompt_groups, training_prom
 def run_real_images(run_dir: str, heldout_split: str = "val", progress: bool = True) -> RealImages:
     """Training images (planted copies included) and held-out images of a run, through the run's cache."""
     data = read_splits(run_dir)
-    cfg, splits = data["data"], data["splits"]
+    splits = data["splits"]
     if heldout_split not in splits or heldout_split == "train":
-        raise ValueError(f"{run_dir}/splits.json: no held-out split {heldout_split!r} (have {sorted(splits)})")
-    size = int(cfg.get("image_size", 64))
-    cache_dir = cfg.get("cache_dir") or os.path.join(run_dir, "cache")
+        raise ValueError(f"{data['path']}: no held-out split {heldout_split!r} (have {sorted(splits)})")
     train_paths = [r["image_path"] for r in splits["train"]]
-    held_paths = [r["image_path"] for r in splits[heldout_split]]
-    train = load_or_build_cache(train_paths, size, cache_dir, progress=progress)
-    held = load_or_build_cache(held_paths, size, cache_dir, progress=progress)
+    train = load_split_cache(data, train_paths, progress)
+    held = load_split_cache(data, [r["image_path"] for r in splits[heldout_split]], progress)
     held_prompts = [r["prompt"] for r, ok in zip(splits[heldout_split], held.ok) if ok]
     return RealImages(train.images[train.ok], [p for p, ok in zip(train_paths, train.ok) if ok], held.images[held.ok],
                       held_prompts)
 
 
 def run_prompts(run_dir: str, split: str = "train") -> PromptList:
-    data = read_splits(run_dir)
-    if split not in data["splits"]:
-        raise ValueError(f"{run_dir}/splits.json: no split {split!r}")
-    return training_prompt_list([r["prompt"] for r in data["splits"][split]], f"{run_dir}/splits.json:{split}")
+    """The distinct prompts of a run's split, with how many training images carry each."""
+    return training_prompt_list(split_prompts(run_dir, split), f"{read_splits(run_dir)['path']}:{split}")
 
 
 # ---- guidance sweep ------------------------------------------------------------------------------

@@ -46,6 +46,14 @@ def read_manifest(run_dir: str) -> dict | None:
         return json.load(f)
 
 
+def load_split_cache(splits: dict, paths: list[str], progress: bool = True):
+    """`paths` decoded at the run's resolution through the run's image cache (the `cache_dir` of its
+    data section, else `cache/` beside splits.json): the one place that knows where that cache is."""
+    cfg = splits["data"]
+    cache_dir = cfg.get("cache_dir") or os.path.join(os.path.dirname(splits["path"]), "cache")
+    return load_or_build_cache(paths, int(cfg["image_size"]), cache_dir, progress=progress)
+
+
 def split_prompts(run_dir: str, split: str = "train") -> list[str]:
     """Every record's prompt in a split (with repeats: planted copies count once each)."""
     splits = read_splits(run_dir)
@@ -66,9 +74,7 @@ def split_images(run_dir: str, split: str = "train", progress: bool = True) -> T
     for r in records:
         first_prompt.setdefault(r["image_path"], r["prompt"])
     paths = list(first_prompt)
-    cfg = splits["data"]
-    cache_dir = cfg.get("cache_dir") or os.path.join(os.path.dirname(splits["path"]), "cache")
-    cache = load_or_build_cache(paths, int(cfg["image_size"]), cache_dir, progress=progress)
+    cache = load_split_cache(splits, paths, progress)
     ok = np.asarray(cache.ok, dtype=bool)
     if not ok.all():
         bad = [p for p, good in zip(paths, ok) if not good]
