@@ -67,8 +67,7 @@ def rotate(images01: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def apply_params(images: torch.Tensor, params: AugmentParams, noise_generator: torch.Generator | None,
-                 noise: bool = True) -> torch.Tensor:
+def apply_params(images: torch.Tensor, params: AugmentParams, noise_generator: torch.Generator | None) -> torch.Tensor:
     """Apply drawn parameters to images in [-1, 1]: flip, rotation, contrast/brightness, noise."""
     x = (images + 1) / 2
     if params.hflip.any():
@@ -76,8 +75,7 @@ def apply_params(images: torch.Tensor, params: AugmentParams, noise_generator: t
     if (params.angle_deg != 0).any():
         x = rotate(x, params.angle_deg)
     x = apply_jitter(x, params)
-    if noise:
-        x = add_noise(x, params, noise_generator)
+    x = add_noise(x, params, noise_generator)
     return x * 2 - 1
 
 

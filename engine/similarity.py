@@ -67,8 +67,3 @@ def ssim_pairwise(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
     s = ((2 * mq * mk + c1) * (2 * cov + c2)) / ((mq ** 2 + mk ** 2 + c1) * (var_q[:, None] + var_k[None] + c2))
     return s.mean(dim=(-2, -1)).float()
-
-
-def ssim_paired(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SSIM of a[i] with b[i]: [N, H, W] x [N, H, W] -> [N]."""
-    return torch.stack([ssim_pairwise(a[i:i + 1], b[i:i + 1])[0, 0] for i in range(a.shape[0])])

@@ -58,16 +58,14 @@ def conditional_noise_norm(model, x: torch.Tensor, t: int, context: torch.Tensor
 
 
 def token_significance(model, tokens: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule, *,
-                       generations: int = 1, steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
+                       generations: int = 1, steps: int = 50, guidance: float = 7.5,
                        parameterization: str = "eps", clip_x0: bool = True, batch_size: int = 16,
                        keep_trajectory: bool = False, progress: bool = False) -> SignificanceResult:
     """Token significance of `tokens` [P, L] with `noise` [P*G, C, H, W] (prompt-major: row p*G + g).
 
-    Runs in the dtype of `noise` (float64 for exactness tests). DDIM with eta > 0 would need the
-    ancestral noise; it is refused because significance is defined on a deterministic trajectory.
+    Runs in the dtype of `noise` (float64 for exactness tests), along the deterministic DDIM
+    trajectory (eta = 0): significance is defined on one trajectory per seed.
     """
-    if eta != 0.0:
-        raise ValueError("token_significance: only the deterministic DDIM trajectory (eta = 0) is supported")
     n_prompts, max_len = tokens.shape
     if noise.shape[0] != n_prompts * generations:
         raise ValueError(f"token_significance: noise has {noise.shape[0]} rows, expected prompts x generations = "
@@ -93,7 +91,7 @@ def token_significance(model, tokens: torch.Tensor, noise: torch.Tensor, schedul
         chunk_traj = []
         for i, t in enumerate(timesteps.tolist()):
             t_prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
-            coefs = step_coefficients(schedule, t, t_prev, eta)
+            coefs = step_coefficients(schedule, t, t_prev, 0.0)
             if keep_trajectory:
                 chunk_traj.append(x.detach().cpu())
             e = context.clone().requires_grad_(True)
