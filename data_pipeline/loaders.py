@@ -51,7 +51,11 @@ class IndexStream:
         start = (step * self.world_size + self.rank) * self.batch_size
         positions = np.arange(start, start + self.batch_size, dtype=np.int64)
         epochs, offsets = positions // self.n, positions % self.n
-        return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for e in np.unique(epochs):   # a batch spans one epoch, or a few when batch > n
+            m = epochs == e
+            out[m] = self._perm(int(e))[offsets[m]]
+        return out
 
     def generator(self, step: int) -> torch.Generator:
         """The augmentation generator of a step (distinct per rank)."""
@@ -117,13 +121,16 @@ def dali_loader(split: SplitData, batch_size: int, *, seed: int, rank: int = 0, 
     torch_device = torch.device(device)
     on_gpu = torch_device.type == "cuda"
     device_id = (torch_device.index if torch_device.index is not None else torch.cuda.current_device()) if on_gpu else None
-    params_cache: dict[int, AugmentParams] = {}
+    # step -> (parameters, the step's generator just after drawing them: the noise comes next, as
+    # on the torch path). The pipeline's sources read a step ahead of the loop that consumes it.
+    params_cache: dict[int, tuple[AugmentParams, torch.Generator]] = {}
 
-    def params_of(step: int) -> AugmentParams:
+    def params_and_generator(step: int) -> tuple[AugmentParams, torch.Generator]:
         if step not in params_cache:
             if len(params_cache) > 4 * prefetch + 8:
                 params_cache.pop(min(params_cache))
-            params_cache[step] = draw_params(batch_size, augment, stream.generator(step))
+            gen = stream.generator(step)
+            params_cache[step] = (draw_params(batch_size, augment, gen), gen)
         return params_cache[step]
 
     def images_of(info):
@@ -132,7 +139,7 @@ def dali_loader(split: SplitData, batch_size: int, *, seed: int, rank: int = 0, 
 
     def scalar_of(name):
         def source(info):
-            values = getattr(params_of(start_step + info.iteration), name).numpy().astype(np.float32)
+            values = getattr(params_and_generator(start_step + info.iteration)[0], name).numpy().astype(np.float32)
             return [np.array(v, dtype=np.float32) for v in values]
         return source
 
@@ -168,17 +175,10 @@ def dali_loader(split: SplitData, batch_size: int, *, seed: int, rank: int = 0, 
         else:
             images = torch.from_numpy(out.as_array())
         if augment is not None:
-            p = params_of(step)
-            images = add_noise((images + 1) / 2, p, _noise_generator(stream, step, augment, batch_size)) * 2 - 1
+            p, gen = params_cache.pop(step)   # the pipeline has read this step's parameters already
+            images = add_noise((images + 1) / 2, p, gen) * 2 - 1
         yield images, split.tokens[idx].to(torch_device), torch.from_numpy(idx).to(torch_device)
         step += 1
-
-
-def _noise_generator(stream: IndexStream, step: int, augment: AugmentConfig, batch: int) -> torch.Generator:
-    """The generator state the torch path has when it draws noise: just after the parameter draw."""
-    gen = stream.generator(step)
-    draw_params(batch, augment, gen)
-    return gen
 
 
 def make_loader(split: SplitData, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,

@@ -171,3 +171,15 @@ def test_nih_sample_loads_through_both_paths(tmp_path_factory, backend):
     assert x.shape == (16, 1, 32, 32) and x.std() > 0.1
     reference = torch.from_numpy(data.splits["train"].images[i.numpy()]).float().unsqueeze(1) / 127.5 - 1
     assert torch.allclose(x, reference, atol=1e-6)
+
+
+def test_index_stream_is_the_epoch_permutations_read_in_order():
+    """Step s of rank r reads global positions (s*W + r)*B ... of the concatenated per-epoch
+    permutations, batches larger than the dataset included (they span several epochs)."""
+    for n, b, world in ((7, 3, 1), (5, 12, 2), (10, 10, 3)):
+        streams = [IndexStream(n, b, seed=4, rank=r, world_size=world) for r in range(world)]
+        flat = np.concatenate([np.random.default_rng([4, e]).permutation(n) for e in range(20)])
+        for step in range(4):
+            for r, s in enumerate(streams):
+                start = (step * world + r) * b
+                assert s.indices(step).tolist() == flat[start:start + b].tolist(), (n, b, world, step, r)
