@@ -380,9 +380,10 @@ class DPSGD:
         for p in params:
             p.grad.copy_(grad_flat[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
-        n = max(float(totals[0]), 1.0)
-        return {"dp/batch_size": float(totals[0]), "dp/clipped_fraction": float(totals[1]) / n,
-                "dp/grad_norm_mean": float(totals[2]) / n, "loss": float(totals[3]) / n,
+        size, clipped, norm_sum, loss_sum = totals.tolist()   # one host sync per step, not four
+        n = max(size, 1.0)
+        return {"dp/batch_size": size, "dp/clipped_fraction": clipped / n,
+                "dp/grad_norm_mean": norm_sum / n, "loss": loss_sum / n,
                 "dp/noise_std": self.resolved.noise_multiplier * self.cfg.clip_norm / self.resolved.expected_batch_size}
 
 

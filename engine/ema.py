@@ -48,6 +48,10 @@ class EMA:
     def update(self, module: nn.Module, step: int) -> None:
         """Blend the current weights in after optimizer step `step` (0-based)."""
         weight = 1.0 - ema_decay_at(step, self.decay, self.warmup)
+        params = list(module.named_parameters())
+        if self.keep and not any(_is_zero3(p) for _, p in params):   # one fused update, not one per tensor
+            torch._foreach_lerp_([self.shadow[n] for n, _ in params], [p.detach().float() for _, p in params], weight)
+            return
         self._for_each_full_param(module, lambda name, p: self.shadow[name].lerp_(p.detach().float(), weight))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
