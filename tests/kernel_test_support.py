@@ -25,5 +25,8 @@ def poison_allocations(module: ModuleType, monkeypatch) -> None:
 
 
 def fresh_seed() -> int:
-    """A new seed every run: each run checks fresh random inputs (the seed is in the failure message)."""
-    return random.SystemRandom().randrange(2**31)
+    """A new seed every run: each run checks fresh random inputs. The seed is printed, and pytest
+    shows a failing test's captured output, so every failure names the seeds it ran with."""
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"fresh_seed: {seed}")
+    return seed
