@@ -3,13 +3,13 @@
 torch/torchvision are pinned and installed first by the Makefile (they come from the local wheel
 store); deepspeed is installed afterwards with --no-build-isolation because its build imports torch.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="memdiff",
     version="0.1.0",
     description="Conditional chest X-ray diffusion with memorization detection, validation and mitigation",
-    packages=["engine", "kernels", "data_pipeline"],
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "data_pipeline", "data_pipeline.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",

@@ -5,7 +5,7 @@
 
 Variants (batch 16, 32 px, the model of configs/demo_cpu.json when present):
   nonprivate   forward + backward of the mean loss
-  dp_ghost     engine.dp_sgd.DPSGD with per-sample norms from activations and output gradients
+  dp_ghost     engine.training.dp_sgd.DPSGD with per-sample norms from activations and output gradients
                (kernels.dp_clip: direct or Gram "ghost" rule per layer, no per-sample gradients)
   dp_vmap      the exact torch.func (vmap of grad) per-sample gradients, for comparison
   *_k4         the same with noise multiplicity K = 4 (four noise draws per image, 64 network rows)
@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from engine.diffusion import NoiseSchedule  # noqa: E402
-from engine.dp_sgd import DPConfig, DPSGD, diffusion_loss_fn, make_dp_batch  # noqa: E402
-from engine.unet import ConditionalUNet, UNetConfig  # noqa: E402
+from engine.diffusion.schedule import NoiseSchedule  # noqa: E402
+from engine.training.dp_sgd import DPConfig, DPSGD, diffusion_loss_fn, make_dp_batch  # noqa: E402
+from engine.model.unet import ConditionalUNet, UNetConfig  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 BATCH, SIZE = 16, 32

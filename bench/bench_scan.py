@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from data_pipeline.vocab import Vocabulary
-from engine.diffusion import NoiseSchedule
-from engine.memorization import DetectorSettings, detect, prompt_seeds
-from engine.unet import ConditionalUNet, UNetConfig, count_parameters
+from engine.diffusion.schedule import NoiseSchedule
+from engine.audit.wen_detector import DetectorSettings, detect, prompt_seeds
+from engine.model.unet import ConditionalUNet, UNetConfig, count_parameters
 
 VOCAB = Vocabulary.default()
 N_PROMPTS = 8

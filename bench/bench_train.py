@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from data_pipeline.vocab import Vocabulary
-from engine.diffusion import NoiseSchedule
-from engine.unet import ConditionalUNet, UNetConfig, count_parameters
+from engine.diffusion.schedule import NoiseSchedule
+from engine.model.unet import ConditionalUNet, UNetConfig, count_parameters
 from kernels.noising import noise_prediction_loss, noised_input
 
 REPO = Path(__file__).resolve().parents[1]

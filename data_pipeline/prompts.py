@@ -11,8 +11,13 @@ import dataclasses
 from typing import Sequence
 
 from .records import CANONICAL_FINDINGS, XrayRecord, age_bucket
-from .vocab import AGES, PROJECTIONS, SEXES, UNCERTAIN_PREFIX, VIEWS
 
+# The prompt grammar's phrases; data_pipeline.vocab gives each one a token id.
+VIEWS = ("frontal", "lateral")
+PROJECTIONS = ("AP", "PA", "LL", "RL")
+SEXES = ("female", "male", "unknown sex")
+AGES = tuple(f"{10 * d}s" for d in range(10))
+UNCERTAIN_PREFIX = "uncertain "
 _HEADER = "chest x-ray"
 
 

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .prompts import AGES, PROJECTIONS, SEXES, UNCERTAIN_PREFIX, VIEWS, PromptParts, parse_prompt, parts_for
 from .records import CANONICAL_FINDINGS, XrayRecord
 
 PAD_ID = 0
@@ -20,11 +21,6 @@ NULL_ID = 1
 PAD_TOKEN = "<pad>"
 NULL_TOKEN = "<null>"
 
-VIEWS = ("frontal", "lateral")
-PROJECTIONS = ("AP", "PA", "LL", "RL")
-SEXES = ("female", "male", "unknown sex")
-AGES = tuple(f"{10 * d}s" for d in range(10))
-UNCERTAIN_PREFIX = "uncertain "
 KINDS = ("special", "view", "projection", "sex", "age", "finding", "uncertain", "extra")
 _EXTRA_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-.]+$")
 
@@ -111,12 +107,10 @@ class Vocabulary:
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a prompt, right-padded to max_len; the empty prompt gives [NULL, PAD, ...]."""
-        from .prompts import parse_prompt
         return self.pad([self.id_of(t) for t in parse_prompt(prompt).tokens()])
 
     def decode(self, ids: Iterable[int]) -> str:
         """The prompt text of token ids (padding and the null token are dropped)."""
-        from .prompts import PromptParts
         names = []
         for i in ids:
             i = int(i)
@@ -128,7 +122,6 @@ class Vocabulary:
         return PromptParts.from_tokens(names, self).text()
 
     def tokens_for(self, record: XrayRecord) -> list[int]:
-        from .prompts import parts_for
         return self.pad([self.id_of(t) for t in parts_for(record).tokens()])
 
     def null_tokens(self, batch: int) -> torch.Tensor:

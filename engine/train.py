@@ -16,12 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import click  # noqa: E402
 
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.training.config import ConfigError, load_config  # noqa: E402
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="training config JSON (see configs/ and engine/config.py)")
+              help="training config JSON (see configs/ and engine/training/config.py)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE",
               help="override one config value (JSON value, else a string); repeatable")
 @click.option("--resume", type=click.Choice(["auto", "never"]), default="never", show_default=True,
@@ -39,7 +39,7 @@ def main(config_path: str, overrides: tuple[str, ...], resume: str, stop_at: int
         sys.exit(2)
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    from engine.trainer import TrainingError, train
+    from engine.training.trainer import TrainingError, train
     try:
         train(cfg, resume=resume == "auto", stop_at=stop_at)
     except TrainingError as exc:

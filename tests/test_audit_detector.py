@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion import DiffusionConfig
-from engine.memorization import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
-from engine.model_io import export_model, load_model
-from engine.sampling import timestep_sequence
-from engine.scan import PromptList, load_prompts, prompt_groups, scan_prompts
-from engine.unet import ConditionalUNet, UNetConfig
+from engine.diffusion.schedule import DiffusionConfig
+from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
+from engine.model.export import export_model, load_model
+from engine.diffusion.sampling import timestep_sequence
+from engine.audit.scan import PromptList, load_prompts, prompt_groups, scan_prompts
+from engine.model.unet import ConditionalUNet, UNetConfig
 
 VOCAB = Vocabulary.default(extra_tokens=("tok0001", "tok0002"))
 PROMPTS = ["frontal AP chest x-ray, female, 60s: pleural effusion", "frontal PA chest x-ray, male, 30s",
@@ -160,10 +160,11 @@ def test_validation_report_numbers_and_escaping(loaded, tmp_path):
     import json
     import numpy as np
     import pyarrow as pa
-    from engine.copy_detection import CopyDetectorConfig, train_copy_detector
-    from engine.embeddings import ClipSpec
-    from engine.report import write_report
-    from engine.validation import TrainingImages, ValidationOptions, validate
+    from engine.audit.copy_detection import CopyDetectorConfig, train_copy_detector
+    from engine.audit.clip_embedding import ClipSpec
+    from engine.reports.audit_report import write_report
+    from engine.audit.run_data import TrainingImages
+    from engine.audit.validation import ValidationOptions, validate
 
     settings = DetectorSettings(generations=2, steps=2)
     plist = PromptList(PROMPTS, [f"p:{i}" for i in range(5)])
@@ -203,8 +204,8 @@ def test_scan_checkpoint_of_a_run_with_train_prompts(tmp_path):
     import json
     import numpy as np
     from PIL import Image
-    from engine.run_images import split_images
-    from engine.scan import scan_checkpoint
+    from engine.audit.run_data import split_images
+    from engine.audit.scan import scan_checkpoint
 
     run = tmp_path / "run"
     export_model(run / "export", tiny_model(), DiffusionConfig(num_timesteps=100), VOCAB)
@@ -235,7 +236,7 @@ def test_scan_checkpoint_of_a_run_with_train_prompts(tmp_path):
 
 
 def test_subsample_keeps_ground_truth_prompts():
-    from engine.scan import subsample_prompts
+    from engine.audit.scan import subsample_prompts
     plist = PromptList([f"p{i}" for i in range(10)], [f"f:{i}" for i in range(10)], list(range(10)))
     groups = ["ordinary"] * 10
     groups[7], groups[2] = "planted", "control"

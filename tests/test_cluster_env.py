@@ -2,7 +2,7 @@
 processes started the way srun starts them forming one two-rank training job."""
 import pytest
 
-from engine.cluster_env import first_host, process_group_env
+from engine.training.cluster_env import first_host, process_group_env
 
 
 @pytest.mark.parametrize("nodelist, host", [

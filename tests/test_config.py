@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, apply_overrides, config_from_dict, load_config, resolved_json
+from engine.training.config import ConfigError, apply_overrides, config_from_dict, load_config, resolved_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = {"format": "synthetic", "root": "/nonexistent/synthetic", "image_size": 32}

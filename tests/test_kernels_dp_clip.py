@@ -73,8 +73,8 @@ def test_layer_stack_matches_torch_func_float64(dp, method):
 
 
 def _engine_blocks():
-    unet = pytest.importorskip("engine.unet")
-    penc = pytest.importorskip("engine.prompt_encoder")
+    unet = pytest.importorskip("engine.model.unet")
+    penc = pytest.importorskip("engine.model.prompt_encoder")
     return unet, penc
 
 

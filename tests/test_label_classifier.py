@@ -5,9 +5,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from engine.label_classifier import (LabelClassifier, LabelClassifierConfig, choose_labels, load_label_classifier,
+from engine.audit.label_classifier import (LabelClassifier, LabelClassifierConfig, choose_labels, load_label_classifier,
                                      per_label_auc, prompt_labels, train_label_classifier)
-from engine.mitigation_compare import Generations, RealImages, audit_generations
+from engine.audit.generation_audit import Generations, RealImages, audit_generations
 
 EFF = "frontal PA chest x-ray, female, 60s: pleural effusion"
 EFF_UNC_EDEMA = "frontal PA chest x-ray, male, 40s: pleural effusion, uncertain edema"
@@ -96,7 +96,7 @@ def test_audit_reports_conformance_of_generations_and_real_heldout():
 
 
 def test_network_files_round_trip_and_one_line_errors(tmp_path):
-    from engine.network_files import load_network, save_network
+    from engine.model.network_files import load_network, save_network
     net = torch.nn.Linear(3, 2)
     save_network(str(tmp_path), "label_classifier", net, {"labels": ["edema"]})
     state, meta = load_network(str(tmp_path), "label_classifier", "tools/train_label_classifier")

@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.func import functional_call, grad, vmap
 
-from engine.diffusion import NoiseSchedule
-from engine.dp_sgd import (DPConfig, DPSGD, check_deepspeed_for_dp, diffusion_loss_fn, make_dp_batch,
+from engine.diffusion.schedule import NoiseSchedule
+from engine.training.dp_sgd import (DPConfig, DPSGD, check_deepspeed_for_dp, diffusion_loss_fn, make_dp_batch,
                            poisson_indices, shard_indices)
-from engine.privacy import PrivacyAccountant, epsilon_for, solve_noise_multiplier
-from engine.unet import ConditionalUNet, UNetConfig
+from engine.training.privacy import PrivacyAccountant, epsilon_for, solve_noise_multiplier
+from engine.model.unet import ConditionalUNet, UNetConfig
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 SEED, STEP, B = 7, 3, 6
@@ -206,7 +206,7 @@ def test_dp_batch_randomness_follows_the_example_not_its_position():
 
 def test_poisson_batches_shard_the_global_batch_and_resume():
     from data_pipeline.augment import AugmentConfig
-    from engine.dp_sgd import poisson_batches
+    from engine.training.dp_sgd import poisson_batches
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (50, 8, 8), generator=g, dtype=torch.uint8)
     tokens = torch.randint(2, 20, (50, 6), generator=g)
@@ -226,7 +226,7 @@ def test_poisson_batches_shard_the_global_batch_and_resume():
 
 
 def test_training_config_sections_validate_with_one_line_errors(tmp_path):
-    from engine.config import ConfigError, config_from_dict
+    from engine.training.config import ConfigError, config_from_dict
     base = {"data": {"root": str(tmp_path), "image_size": 32}, "model": {"image_size": 32}}
     dp = {"enabled": True, "noise_multiplier": 1.0, "expected_batch_size": 8}
     cfg = config_from_dict({**base, "dp": dp}, "x.json")

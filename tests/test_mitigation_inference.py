@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion import NoiseSchedule
-from engine.sampling import null_tokens_like, sample, seeded_noise, step_coefficients, timestep_sequence
-from engine.token_significance import conditional_noise_norm, heat_strip_html, token_significance
-from engine.unet import ConditionalUNet, UNetConfig
+from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.sampling import null_tokens_like, sample, seeded_noise, step_coefficients, timestep_sequence
+from engine.mitigation.token_significance import conditional_noise_norm, heat_strip_html, token_significance
+from engine.model.unet import ConditionalUNet, UNetConfig
 from kernels.guided_step import guided_step_reference
 
 PROMPTS = ["frontal AP chest x-ray, female, 60s: pleural effusion | tok0001",
@@ -133,7 +133,7 @@ def test_heat_strip_escapes_and_shades():
 # ---- prompt-embedding optimisation --------------------------------------------------------------
 
 def test_embedding_optimisation_lowers_first_step_norm(setup):
-    from engine.prompt_optimization import optimize_prompt_embedding
+    from engine.mitigation.prompt_optimization import optimize_prompt_embedding
     vocab, model, tokens, schedule = setup
     noise = seeded_noise([5, 6, 7, 8], (1, 8, 8))
     res = optimize_prompt_embedding(model, tokens, noise, schedule, generations=2, target_rms=0.0)
@@ -152,7 +152,7 @@ def test_embedding_optimisation_lowers_first_step_norm(setup):
 
 
 def test_embedding_optimisation_stops_at_target_per_prompt(setup):
-    from engine.prompt_optimization import optimize_prompt_embedding
+    from engine.mitigation.prompt_optimization import optimize_prompt_embedding
     vocab, model, tokens, schedule = setup
     noise = seeded_noise([5, 6], (1, 8, 8))
     first = optimize_prompt_embedding(model, tokens, noise, schedule, max_iterations=0)
@@ -175,7 +175,7 @@ def test_embedding_optimisation_stops_at_target_per_prompt(setup):
 # ---- prompt edits --------------------------------------------------------------------------------
 
 def test_prompt_edits_remove_replace_and_insert(setup):
-    from engine.prompt_edits import edit_prompts, nearest_same_kind
+    from engine.mitigation.prompt_edits import edit_prompts, nearest_same_kind
     vocab, model, tokens, schedule = setup
     # rank: the extra token first in prompt 0, "edema" first in prompt 1
     ranked = [[5, 0, 1, 2, 3, 4], [4, 0, 1, 2, 3, 5]]
@@ -218,7 +218,7 @@ def test_prompt_edits_remove_replace_and_insert(setup):
 def test_frechet_distance_closed_forms():
     import numpy as np
     import scipy.linalg
-    from engine.frechet import frechet_distance, frechet_distance_features, feature_statistics
+    from engine.audit.frechet import frechet_distance, frechet_distance_features, feature_statistics
     # Diagonal covariances: d = |mu_a - mu_b|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
     mu_a, mu_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     va, vb = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 0.25])

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from data_pipeline.vocab import Vocabulary
-from engine.diffusion import DiffusionConfig
-from engine.mitigation_compare import Generations, RealImages, audit_generations, audit_series
-from engine.model_io import export_model
-from engine.unet import ConditionalUNet, UNetConfig
+from engine.diffusion.schedule import DiffusionConfig
+from engine.audit.generation_audit import Generations, RealImages, audit_generations, audit_series
+from engine.model.export import export_model
+from engine.model.unet import ConditionalUNet, UNetConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +97,7 @@ def test_planted_pixel_match_against_numpy():
 
 
 def test_prompt_bootstrap_ci_resamples_prompts():
-    from engine.mitigation_compare import prompt_bootstrap_ci
+    from engine.audit.generation_audit import prompt_bootstrap_ci
     per_prompt = np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     lo, hi = prompt_bootstrap_ci(per_prompt, n_boot=4000)
     # Prompt means are 1, 0, .5, .5: the resampled mean of 4 lies in [0, 1] in steps of 1/8 and

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID
-from engine.diffusion import NoiseSchedule, q_sample
-from engine.screening import ScreeningConfig, conditional_noise_magnitude, screen
-from engine.unet import ConditionalUNet, UNetConfig
+from engine.diffusion.schedule import NoiseSchedule, q_sample
+from engine.training.screening import ScreeningConfig, conditional_noise_magnitude, screen
+from engine.model.unet import ConditionalUNet, UNetConfig
 
 SCHEDULE = NoiseSchedule("cosine", 200)
 
@@ -84,7 +84,7 @@ def test_config_errors_name_the_key():
 def test_magnitude_profile_is_the_slow_per_example_magnitude_at_its_drawn_t():
     """The tau-calibration profile (tools/screening_threshold): for each example and draw, L at the
     returned t equals the slow two-forward computation on the same x_t; chunking changes nothing."""
-    from engine.screening import magnitude_profile
+    from engine.training.screening import magnitude_profile
     model, _, _, tokens = setup()
     x0 = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
     ts, mag = magnitude_profile(model, SCHEDULE, x0, tokens, draws=3, seed=7, batch_size=4)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from data_pipeline.vocab import Vocabulary
-from engine.diffusion import NoiseSchedule
-from engine.generate import generate
-from engine.sampling import sample, seeded_noise
-from engine.unet import ConditionalUNet, UNetConfig
+from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.generate import generate
+from engine.diffusion.sampling import sample, seeded_noise
+from engine.model.unet import ConditionalUNet, UNetConfig
 
 VOCAB = Vocabulary.default()
 PROMPTS = ["frontal AP chest x-ray, female, 60s: pleural effusion", "frontal PA chest x-ray, male, 30s",

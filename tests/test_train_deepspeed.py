@@ -128,7 +128,7 @@ def test_two_ranks_zero2_kill_and_resume_is_bitwise(tmp_path, dataset):
 def test_one_process_zero0_and_zero3_train_alike_and_export(tmp_path, dataset):
     """Plain `python engine/train.py` (a one-rank gloo group): ZeRO 0 and ZeRO 3 (parameters
     partitioned, EMA read through GatheredParameters) follow the same trajectory."""
-    from engine.model_io import load_model
+    from engine.model.export import load_model
     runs = {}
     for stage in (0, 3):
         cfg = write_config(tmp_path / f"z{stage}.json", dataset, output_dir=str(tmp_path / f"z{stage}"),

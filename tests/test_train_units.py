@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.checkpointing import LATEST, STATE, latest_tag, save_checkpoint
-from engine.ema import EMA, ema_decay_at
-from engine.trainer import step_seed
+from engine.training.checkpointing import LATEST, STATE, latest_tag, save_checkpoint
+from engine.training.ema import EMA, ema_decay_at
+from engine.training.trainer import step_seed
 
 
 def test_ema_matches_closed_form():

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from engine.attention import BACKENDS, attention
-from engine.prompt_encoder import PromptEncoder
+from engine.model.attention import BACKENDS, attention
+from engine.model.prompt_encoder import PromptEncoder
 
 
 @dataclass(frozen=True)

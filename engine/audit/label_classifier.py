@@ -22,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data_pipeline.prompts import parse_prompt
-from engine.network_files import load_network, save_network
-from engine.roc import roc_metrics
+from engine.model.network_files import load_network, save_network
+from engine.audit.roc import roc_metrics
 
-NAME = "label_classifier"   # files: label_classifier.safetensors + .json (engine.network_files)
+NAME = "label_classifier"   # files: label_classifier.safetensors + .json (engine.model.network_files)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 
 e_i is the prompt encoder's output at token position i (a row of `model.encode(tokens)[0]`), and
 x_t runs along the ordinary guided trajectory, x_{t-1} from eps_u + w * (eps_c - eps_u) with the
-network called on the stacked batch [cond; uncond] (cond first, as engine.sampling does). Wen's
+network called on the stacked batch [cond; uncond] (cond first, as engine.diffusion.sampling does). Wen's
 reference code stacks the two slots the other way round and so walks the trajectory of
 eps_c + w * (eps_u - eps_c); tests/test_mitigation_inference.py checks that we do not.
 
@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion import NoiseSchedule
-from engine.sampling import null_tokens_like, predict_cond_uncond, step_coefficients, timestep_sequence
+from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.sampling import null_tokens_like, predict_cond_uncond, step_coefficients, timestep_sequence
 from kernels.guided_step import guided_step
 
 
@@ -101,7 +101,7 @@ def token_significance(model, tokens: torch.Tensor, noise: torch.Tensor, schedul
                 (grad,) = torch.autograd.grad(norm.sum(), e)
             ss[r0:r0 + len(tok)] += grad.detach().double().pow(2).sum(-1).cpu()
             norms[i, r0:r0 + len(tok)] = norm.detach().double().cpu()
-            # The guided step from the [cond; uncond] prediction, exactly as engine.sampling.sample.
+            # The guided step from the [cond; uncond] prediction, exactly as engine.diffusion.sampling.sample.
             x, _, _ = guided_step(pred.detach().to(x.dtype), x, None, guidance=guidance, clip_x0=clip_x0, **coefs)
             bar.update(1)
         finals.append(x.detach().clamp(-1, 1).cpu())

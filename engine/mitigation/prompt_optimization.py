@@ -4,7 +4,7 @@ For each prompt the encoder output e_p [L, D] is optimised with AdamW (lr 0.05, 
 iterations) to lower L = mean over the prompt's generations of ||eps(x_T, e_p) - eps(x_T, e_null)||_2
 at the FIRST sampling step only, from the seeded initial noise x_T; a prompt stops as soon as its L
 is at or under the target. All steps are then sampled with the optimised embedding
-(`engine.sampling.sample(..., context=...)`).
+(`engine.diffusion.sampling.sample(..., context=...)`).
 
 The target is given per element (RMS: L / sqrt(C*H*W)) so that one number transfers across image
 sizes. Wen's reference uses L <= 3 on Stable Diffusion's 4x64x64 latents, i.e. 3 / 128 = 0.0234 per
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.diffusion import NoiseSchedule
-from engine.sampling import null_tokens_like
-from engine.token_significance import conditional_noise_norm
+from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.sampling import null_tokens_like
+from engine.mitigation.token_significance import conditional_noise_norm
 
 WEN_TARGET_RMS = 3.0 / math.sqrt(4 * 64 * 64)
 

@@ -49,7 +49,7 @@ def _ssim_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def ssim_pairwise(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """SSIM of every query against every key: [Q, H, W] x [K, H, W] in [-1, 1] -> [Q, K].
 
-    Memory is Q * K * H * W floats; callers chunk (see engine.nearest_neighbors).
+    Memory is Q * K * H * W floats; callers chunk (see engine.audit.nearest_neighbors).
     """
     if queries.shape[-2:] != keys.shape[-2:]:
         raise ValueError(f"ssim: image sizes differ: {tuple(queries.shape[-2:])} vs {tuple(keys.shape[-2:])}")

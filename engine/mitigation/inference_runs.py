@@ -1,8 +1,8 @@
 """Inference-time mitigations run end to end and audited like the baseline.
 
 - `guidance_sweep`: the same prompts and seeds scanned at several guidance weights w; each w gets the
-  full audit of engine.mitigation_compare (score, detection, copy rate, Fréchet distance).
-- `optimized_generations`: Wen's prompt-embedding optimisation (engine.prompt_optimization) per batch of
+  full audit of engine.audit.generation_audit (score, detection, copy rate, Fréchet distance).
+- `optimized_generations`: Wen's prompt-embedding optimisation (engine.mitigation.prompt_optimization) per batch of
   prompts, then all steps sampled with the optimised embedding; the per-step norms along that
   trajectory are recorded exactly as the scanner records them, so the audit reads them the same way.
 - `run_real_images` / `run_prompts`: a training run's real images and prompts, from its splits.json.
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.memorization import DetectorSettings, prompt_seeds
-from engine.mitigation_compare import Generations, RealImages, audit_series, scan_generations
-from engine.prompt_optimization import optimize_prompt_embedding
-from engine.run_images import load_split_cache, read_manifest, read_splits, split_prompts
-from engine.sampling import sample, seeded_noise
-from engine.scan import PromptList, encode_prompts, prompt_groups, training_prompt_list
+from engine.audit.wen_detector import DetectorSettings, prompt_seeds
+from engine.audit.generation_audit import Generations, RealImages, audit_series, scan_generations
+from engine.mitigation.prompt_optimization import optimize_prompt_embedding
+from engine.audit.run_data import load_split_cache, read_manifest, read_splits, split_prompts
+from engine.diffusion.sampling import sample, seeded_noise
+from engine.audit.scan import PromptList, encode_prompts, prompt_groups, training_prompt_list
 
 
 def run_real_images(run_dir: str, heldout_split: str = "val", progress: bool = True) -> RealImages:
@@ -70,7 +70,7 @@ def guidance_plot_html(audits: list[dict]) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from engine.mitigation_compare import _fig_html
+    from engine.audit.generation_audit import _fig_html
     w = [a["guidance"] for a in audits]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
     for key, label in (("planted_score_mean", "planted"), ("control_score_mean", "control"),
@@ -132,7 +132,7 @@ def optimized_generations(loaded, prompt_list: PromptList, settings: DetectorSet
     param = loaded.diffusion_config.parameterization
     for b0 in tqdm(range(0, len(tokens), batch_prompts), desc="optimise+sample", disable=not progress):
         tok, seeds = tokens[b0:b0 + batch_prompts].to(device), all_seeds[b0:b0 + batch_prompts]
-        noise = seeded_noise(seeds, (g, *shape), device).flatten(0, 1)   # as engine.memorization.detect
+        noise = seeded_noise(seeds, (g, *shape), device).flatten(0, 1)   # as engine.audit.wen_detector.detect
         opt = optimize_prompt_embedding(model, tok, noise, schedule, generations=g, target_rms=target_rms, lr=lr,
                                         max_iterations=max_iterations, parameterization=param)
         out = sample(model, tok.repeat_interleave(g, 0), noise, schedule, steps=settings.steps,

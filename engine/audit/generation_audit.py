@@ -16,7 +16,7 @@ One audit of a set of generations gives:
   with a label classifier, label conformance of the generations to their prompts next to the same
   number on real held-out images.
 
-Generations come from engine.scan.scan_prompts (resumable; images saved as PNGs and read back) or
+Generations come from engine.audit.scan.scan_prompts (resumable; images saved as PNGs and read back) or
 from any other generator that yields a `Generations` (e.g. the optimised-embedding sampler).
 """
 from __future__ import annotations
@@ -32,13 +32,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.copy_detection import CopyDetector, copy_statistics, dar_threshold
-from engine.frechet import frechet_distance_features
-from engine.memorization import DetectorSettings, mean_score
-from engine.nearest_neighbors import topk_neighbors
-from engine.roc import calibrate_threshold, roc_metrics
-from engine.scan import PromptList, prompt_groups, scan_prompts
-from engine.similarity import pearson_normalize
+from engine.audit.copy_detection import CopyDetector, copy_statistics, dar_threshold
+from engine.audit.frechet import frechet_distance_features
+from engine.audit.wen_detector import DetectorSettings, mean_score
+from engine.audit.nearest_neighbors import topk_neighbors
+from engine.audit.roc import calibrate_threshold, roc_metrics
+from engine.audit.scan import PromptList, prompt_groups, scan_prompts
+from engine.audit.similarity import pearson_normalize
 
 PIXEL_FEATURE_SIZE = 8
 

@@ -16,20 +16,14 @@ import torch
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from engine.copy_detection import CopyDetector, copy_statistics
-from engine.embeddings import ClipEmbedder, ClipSpec
-from engine.memorization import DetectorSettings, detect, mean_score
-from engine.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
-from engine.roc import roc_curve, roc_metrics
-from engine.scan import planted_comparisons, scan_metadata
-from engine.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
-
-
-@dataclass
-class TrainingImages:
-    images: np.ndarray                     # uint8 [N, S, S]
-    prompts: list[str]
-    image_paths: list[str]
+from engine.audit.copy_detection import CopyDetector, copy_statistics
+from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
+from engine.audit.wen_detector import DetectorSettings, detect, mean_score
+from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
+from engine.audit.run_data import TrainingImages
+from engine.audit.roc import roc_curve, roc_metrics
+from engine.audit.scan import planted_comparisons, scan_metadata
+from engine.audit.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from engine.ema import EMA
+from engine.training.ema import EMA
 
 LATEST = "latest"
 STATE = "trainer_state.json"

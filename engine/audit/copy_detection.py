@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from engine.nearest_neighbors import topk_neighbors
-from engine.network_files import load_network, save_network
-from engine.similarity import pearson_normalize
+from engine.audit.nearest_neighbors import topk_neighbors
+from engine.model.network_files import load_network, save_network
+from engine.audit.similarity import pearson_normalize
 
 BACKBONES = ("resnet50", "resnet18", "tiny")
-NAME = "copy_detector"   # files: copy_detector.safetensors + copy_detector.json (engine.network_files)
+NAME = "copy_detector"   # files: copy_detector.safetensors + copy_detector.json (engine.model.network_files)
 
 
 @dataclass(frozen=True)

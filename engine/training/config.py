@@ -3,8 +3,8 @@
     {"output_dir": "runs/cfg",
      "deepspeed":    {micro-batch, accumulation, AdamW, ZeRO stage, bf16, clipping}  -> DeepSpeed
      "data":         {...}                  -> data_pipeline.dataset.prepare_dataset (its own keys)
-     "model":        {...}                  -> engine.unet.UNetConfig
-     "diffusion":    {...}                  -> engine.diffusion.DiffusionConfig
+     "model":        {...}                  -> engine.model.unet.UNetConfig
+     "diffusion":    {...}                  -> engine.diffusion.schedule.DiffusionConfig
      "conditioning": {"p_uncond": 0.5}
      "training":     {steps, cadences, seed, EMA}
      "compile":      {enabled (null = on for CUDA), mode, backend}
@@ -29,10 +29,10 @@ from typing import Any, Callable, Literal
 
 from data_pipeline.augment import AugmentConfig
 from data_pipeline.dataset import validate_data_config
-from engine.diffusion import DiffusionConfig
-from engine.dp_sgd import DPConfig, check_deepspeed_for_dp
-from engine.screening import ScreeningConfig
-from engine.unet import UNetConfig
+from engine.diffusion.schedule import DiffusionConfig
+from engine.training.dp_sgd import DPConfig, check_deepspeed_for_dp
+from engine.training.screening import ScreeningConfig
+from engine.model.unet import UNetConfig
 
 
 class ConfigError(ValueError):
@@ -169,8 +169,8 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     # Mitigation sections (null = off). Each owner replaces `dict | None` by its dataclass.
     augment: AugmentConfig | None = None
-    dp: DPConfig | None = None                 # engine.dp_sgd
-    screening: ScreeningConfig | None = None   # engine.screening
+    dp: DPConfig | None = None                 # engine.training.dp_sgd
+    screening: ScreeningConfig | None = None   # engine.training.screening
 
     def to_dict(self) -> dict:
         return _to_jsonable(self)

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from engine.validation import ValidationResult
+from engine.audit.validation import ValidationResult
 
 PRIMARY_METRICS = ("pixel_correlation", "dar_correlation", "ssim", "clip_cosine")  # first present one is shown
 METRIC_NAMES = {"pixel_correlation": "pixel Pearson", "ssim": "SSIM", "clip_cosine": "CLIP cosine",

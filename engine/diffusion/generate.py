@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.diffusion import NoiseSchedule
-from engine.sampling import sample, seeded_noise
+from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.sampling import sample, seeded_noise
 
 
 @torch.no_grad()
@@ -63,8 +63,8 @@ def write_samples(checkpoint: str, prompts: Sequence[str], out_dir: str, *, guid
 
     from tqdm import tqdm
 
-    from engine.image_grid import panels_figure, save_figure, save_png, to_uint8
-    from engine.model_io import load_model
+    from engine.reports.image_grid import panels_figure, save_figure, save_png, to_uint8
+    from engine.model.export import load_model
 
     loaded = load_model(checkpoint, device)
     for i, prompt in enumerate(prompts):

@@ -10,11 +10,19 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
 from data_pipeline.cache import load_or_build_cache
-from engine.validation import TrainingImages
+
+
+@dataclass
+class TrainingImages:
+    """Distinct training images of a run with the first prompt and the path of each."""
+    images: np.ndarray                     # uint8 [N, S, S]
+    prompts: list[str]
+    image_paths: list[str]
 
 
 def find_run_file(run_dir: str, name: str) -> str | None:

@@ -1,6 +1,6 @@
 """Prompt edits that defuse memorization triggers, and the random-insertion baseline.
 
-- remove:  drop the k most significant tokens (engine.token_significance) of a prompt.
+- remove:  drop the k most significant tokens (engine.mitigation.token_significance) of a prompt.
 - replace: swap each for the nearest token of the same kind (view for view, finding for finding,
            extra for extra) by cosine of the model's own token embeddings, never a trigger and never
            a token the prompt already holds; with no candidate left the token is removed (recorded).

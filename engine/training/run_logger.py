@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from engine.image_grid import panels_figure, save_figure
+from engine.reports.image_grid import panels_figure, save_figure
 
 METRICS = "metrics.jsonl"
 
@@ -130,7 +130,7 @@ class RunLogger:
         fig = panels_figure(panels, prompts, title=f"step {step}")
         path = save_figure(fig, self.run_dir / "samples" / f"step_{step:08d}.png")
         if self.writer is not None:
-            from engine.image_grid import tile
+            from engine.reports.image_grid import tile
             for name, grid in panels:
                 self.writer.add_image(f"samples/{name}", tile(grid)[None], step)
         return path

@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from engine.memorization import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
-from engine.roc import calibrate_threshold, roc_metrics
+from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
+from engine.audit.roc import calibrate_threshold, roc_metrics
 
 META_KEY = b"memdiff_scan"
 PART_SCHEMA = pa.schema([
@@ -384,8 +384,8 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
     Every input is checked before the first forward pass. Writes `out_path` (and `<out>.metrics.json`
     when the run has a planted manifest; `<out stem>.reference.parquet` when calibrating).
     """
-    from engine.model_io import load_model
-    from engine.run_images import prompt_counts, read_manifest
+    from engine.model.export import load_model
+    from engine.audit.run_data import prompt_counts, read_manifest
 
     if (prompts_file is None) == (not train_prompts):
         raise ValueError("give exactly one of --prompts FILE or --train-prompts")

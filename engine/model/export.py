@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_pipeline.vocab import Vocabulary
-from engine.diffusion import DiffusionConfig, NoiseSchedule
-from engine.unet import ConditionalUNet, UNetConfig
+from engine.diffusion.schedule import DiffusionConfig, NoiseSchedule
+from engine.model.unet import ConditionalUNet, UNetConfig
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "model_config.json", "vocab.json"

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID
-from engine.diffusion import NoiseSchedule
+from engine.diffusion.schedule import NoiseSchedule
 from kernels.guided_step import guided_step
 
 SAMPLERS = ("ddim", "ddpm")

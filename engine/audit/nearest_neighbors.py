@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.similarity import PairSimilarity, dot_similarity
+from engine.audit.similarity import PairSimilarity, dot_similarity
 
 
 def topk_neighbors(queries: torch.Tensor | np.ndarray, keys: torch.Tensor | np.ndarray, k: int = 3, *,

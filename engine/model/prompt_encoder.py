@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from data_pipeline.vocab import PAD_ID
-from engine.attention import attention
+from engine.model.attention import attention
 
 
 class EncoderLayer(nn.Module):

@@ -25,20 +25,20 @@ import torch.distributed as dist
 
 from data_pipeline.dataset import prepare_dataset
 from data_pipeline.loaders import make_loader
-from engine.checkpointing import latest_tag, load_checkpoint, save_checkpoint
-from engine.cluster_env import process_group_env
-from engine.config import TrainConfig, resolved_json
-from engine.diffusion import NoiseSchedule, loss_weights
-from engine.ema import EMA
-from engine.generate import generate
-from engine.image_grid import to_uint8
-from engine.model_io import export_model
-from engine.train_logging import RunLogger
-from engine.unet import ConditionalUNet, UNetConfig, count_parameters
+from engine.training.checkpointing import latest_tag, load_checkpoint, save_checkpoint
+from engine.training.cluster_env import process_group_env
+from engine.training.config import TrainConfig, resolved_json
+from engine.diffusion.schedule import NoiseSchedule, loss_weights
+from engine.training.ema import EMA
+from engine.diffusion.generate import generate
+from engine.reports.image_grid import to_uint8
+from engine.model.export import export_model
+from engine.training.run_logger import RunLogger
+from engine.model.unet import ConditionalUNet, UNetConfig, count_parameters
 from kernels.backend import use_triton
 from kernels.noising import noise_prediction_loss, noised_input
-from engine.dp_sgd import DPTraining
-from engine.screening import ScreeningMonitor, screened_mean
+from engine.training.dp_sgd import DPTraining
+from engine.training.screening import ScreeningMonitor, screened_mean
 
 # The sections a resumed run must share with the run it continues (others, e.g. training.steps, may change).
 FIXED_ON_RESUME = ("model", "diffusion", "data", "conditioning",

@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from engine.generate import generate
-from engine.image_grid import panels_figure, save_figure, to_uint8
-from engine.model_io import load_model
-from engine.train_logging import plot_loss_curves, read_metrics
+from engine.diffusion.generate import generate
+from engine.reports.image_grid import panels_figure, save_figure, to_uint8
+from engine.model.export import load_model
+from engine.training.run_logger import plot_loss_curves, read_metrics
 
 
 def _run_info(run: Path) -> dict:

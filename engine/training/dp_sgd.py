@@ -7,7 +7,7 @@ independently with probability q; |S| varies, E|S| = qN):
     G    = ( sum_{i in S} min(1, C / (||g_i|| + 1e-6)) g_i  +  N(0, sigma^2 C^2 I) ) / (q N)
 
 Dividing by the *expected* batch size qN (not |S|) keeps the sensitivity of the released sum
-at C: that is what the accountant (engine.privacy) assumes.
+at C: that is what the accountant (engine.training.privacy) assumes.
 
 How it is computed:
   * norms: `kernels.dp_clip.PerSampleNormHooks` ("ghost" norms from each layer's activations and
@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.diffusion import NoiseSchedule, loss_weights, per_sample_loss, q_sample, target_for
-from engine.privacy import ACCOUNTANTS, solve_noise_multiplier
-from engine.sampling import null_tokens_like
+from engine.diffusion.schedule import NoiseSchedule, loss_weights, per_sample_loss, q_sample, target_for
+from engine.training.privacy import ACCOUNTANTS, solve_noise_multiplier
+from engine.diffusion.sampling import null_tokens_like
 from kernels.dp_clip import PerSampleNormHooks, add_noise_and_scale_, clip_factors
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,7 @@ class DPTraining:
     def __init__(self, cfg: DPConfig, module: nn.Module, split, schedule: NoiseSchedule, *, parameterization: str,
                  min_snr_gamma: float | None, p_uncond: float, seed: int, rank: int, world_size: int,
                  start_step: int, total_steps: int, augment=None, device: str | torch.device = "cpu") -> None:
-        from engine.privacy import PrivacyAccountant  # noqa: PLC0415
+        from engine.training.privacy import PrivacyAccountant  # noqa: PLC0415
         self.resolved = cfg.resolve(len(split.images), total_steps)
         self.cfg, self.schedule, self.seed, self.p_uncond = cfg, schedule, seed, p_uncond
         self.dp = DPSGD(module, self.resolved, seed=seed)
