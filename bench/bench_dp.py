@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from engine.diffusion.schedule import NoiseSchedule  # noqa: E402
-from engine.training.dp_sgd import DPConfig, DPSGD, diffusion_loss_fn, make_dp_batch  # noqa: E402
 from engine.model.unet import ConditionalUNet, UNetConfig  # noqa: E402
+from engine.training.dp_sgd import DPSGD, DPConfig, diffusion_loss_fn, make_dp_batch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 BATCH, SIZE = 16, 32

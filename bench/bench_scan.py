@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from data_pipeline.vocab import Vocabulary
-from engine.diffusion.schedule import NoiseSchedule
 from engine.audit.wen_detector import DetectorSettings, detect, prompt_seeds
+from engine.diffusion.schedule import NoiseSchedule
 from engine.model.unet import ConditionalUNet, UNetConfig, count_parameters
 
 VOCAB = Vocabulary.default()

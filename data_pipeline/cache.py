@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .atomic_files import atomic_path, write_json
 from .records import XrayRecord
 
 MIN_SIZE, MAX_SIZE = 32, 512
@@ -82,27 +83,22 @@ def load_or_build_cache(records: Sequence[XrayRecord] | Sequence[str], size: int
         except (OSError, ValueError, KeyError):
             pass   # a damaged cache is rebuilt below
 
-    tmp_npy = f"{stem}.tmp{os.getpid()}.npy"
-    images = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
     ok = np.zeros(len(paths), dtype=bool)
     skipped = []
     workers = workers or min(4, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:   # PIL decodes without the GIL
-        results = pool.map(lambda p: _try_decode(p, size), paths, chunksize=16)
-        for i, (pixels, error) in enumerate(tqdm(results, total=len(paths), desc=f"cache {size}px",
-                                                 unit="img", disable=not progress)):
-            if pixels is None:
-                skipped.append(f"{paths[i]}: {error}")
-            else:
-                images[i] = pixels
-                ok[i] = True
-    images.flush()
-    del images
-    os.replace(tmp_npy, npy_path)
-    index = {"version": CACHE_VERSION, "size": size, "digest": digest, "paths": paths,
-             "ok": ok.tolist(), "skipped": skipped}
-    tmp_index = f"{index_path}.tmp{os.getpid()}"
-    with open(tmp_index, "w") as f:
-        json.dump(index, f)
-    os.replace(tmp_index, index_path)
+    with atomic_path(npy_path) as tmp_npy:
+        images = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:   # PIL decodes without the GIL
+            results = pool.map(lambda p: _try_decode(p, size), paths, chunksize=16)
+            for i, (pixels, error) in enumerate(tqdm(results, total=len(paths), desc=f"cache {size}px",
+                                                     unit="img", disable=not progress)):
+                if pixels is None:
+                    skipped.append(f"{paths[i]}: {error}")
+                else:
+                    images[i] = pixels
+                    ok[i] = True
+        images.flush()
+        del images
+    write_json(index_path, {"version": CACHE_VERSION, "size": size, "digest": digest, "paths": paths,
+                            "ok": ok.tolist(), "skipped": skipped}, indent=None)
     return CachedImages(np.load(npy_path, mmap_mode="r"), ok, skipped, True, npy_path)

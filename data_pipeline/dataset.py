@@ -27,7 +27,6 @@ Writes `vocab.json`, `splits.json` and (if planted) `planted_manifest.json` into
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic_files import write_json
 from .cache import MAX_SIZE, MIN_SIZE, load_or_build_cache
 from .chexpert import UNCERTAINTY_POLICIES, read_chexpert
 from .nih import read_nih
@@ -149,13 +149,6 @@ def _patient_token(patient_id: str) -> str:
     return "pt" + re.sub(r"[^A-Za-z0-9_\-.]", "_", patient_id)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def prepare_dataset(data_cfg: dict, run_dir: str, progress: bool = True) -> PreparedData:
     """Read, cache, split, plant and tokenize the dataset described by `data_cfg`."""
     cfg = validate_data_config(data_cfg)
@@ -198,11 +191,11 @@ def prepare_dataset(data_cfg: dict, run_dir: str, progress: bool = True) -> Prep
         splits[name] = SplitData(images, tokens, prompts, recs)
 
     vocab.save(os.path.join(run_dir, "vocab.json"))
-    _write_json(os.path.join(run_dir, "splits.json"), {
+    write_json(os.path.join(run_dir, "splits.json"), {
         "data": cfg, "skipped": skipped,
         "splits": {name: [{"image_path": r.image_path, "patient_id": r.patient_id, "study_id": r.study_id,
                            "prompt": s.prompts[i]} for i, r in enumerate(s.records)] for name, s in splits.items()},
     })
     if manifest is not None:
-        _write_json(os.path.join(run_dir, "planted_manifest.json"), manifest)
+        write_json(os.path.join(run_dir, "planted_manifest.json"), manifest)
     return PreparedData(vocab, splits, manifest, skipped, cfg)

@@ -24,6 +24,7 @@ import torch
 
 from .augment import AugmentConfig, AugmentParams, add_noise, augment_batch, draw_params
 from .dataset import SplitData
+from .images import to_model_range
 
 log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -63,11 +64,6 @@ class IndexStream:
         return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def to_float_images(uint8_images: np.ndarray) -> torch.Tensor:
-    """uint8 [B, S, S] -> float32 [-1, 1] [B, 1, S, S]."""
-    return torch.from_numpy(np.ascontiguousarray(uint8_images)).float().unsqueeze(1) / 127.5 - 1.0
-
-
 class _StepBatches(torch.utils.data.Dataset):
     """Item `step` is the whole batch of that step (the DataLoader runs with batch_size=None)."""
 
@@ -79,7 +75,7 @@ class _StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> Batch:
         idx = self.stream.indices(step)
-        images = to_float_images(self.split.images[idx])
+        images = to_model_range(self.split.images[idx])
         if self.augment is not None:
             images = augment_batch(images, self.augment, self.stream.generator(step))
         return images, self.split.tokens[idx], torch.from_numpy(idx)
@@ -114,8 +110,8 @@ def dali_available() -> tuple[bool, str]:
 def dali_loader(split: SplitData, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                 start_step: int = 0, augment: AugmentConfig | None = None, device: str = "cpu",
                 num_threads: int = 2, prefetch: int = 2) -> Iterator[Batch]:
-    from nvidia.dali import fn, pipeline_def, types
     import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
 
     stream = IndexStream(len(split.images), batch_size, seed, rank, world_size)
     torch_device = torch.device(device)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .atomic_files import write_bytes
 from .chexpert import CHEXPERT_PREFIX, METADATA_COLUMNS
 from .csv_table import read_table
 from .phantom import Anatomy, render_frontal, render_lateral
@@ -124,13 +125,6 @@ def _strengths(labels: list[float], rng: np.random.Generator) -> dict[str, float
     return out
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def make_synthetic_chexpert(out_dir: str, n_images: int, seed: int, image_size: int = 320,
                             labels_from: str | None = None, progress: bool = True) -> str:
     """Write a synthetic CheXpert-v1.0-small directory at `out_dir` (its root); returns the root.
@@ -156,7 +150,7 @@ def make_synthetic_chexpert(out_dir: str, n_images: int, seed: int, image_size: 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         buffer = io.BytesIO()
         Image.fromarray(pixels, mode="L").save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        _write_atomic(path, buffer.getvalue())
+        write_bytes(path, buffer.getvalue())
         rows[entry["split"]].append([CHEXPERT_PREFIX + entry["path"], entry["sex"], str(entry["age"]),
                                      entry["view"].capitalize(), entry["projection"],
                                      *(_fmt(v) for v in entry["labels"])])
@@ -165,5 +159,5 @@ def make_synthetic_chexpert(out_dir: str, n_images: int, seed: int, image_size: 
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(HEADER)
         writer.writerows(split_rows)
-        _write_atomic(os.path.join(out_dir, f"{split}.csv"), text.getvalue().encode())
+        write_bytes(os.path.join(out_dir, f"{split}.csv"), text.getvalue().encode())
     return os.path.abspath(out_dir)

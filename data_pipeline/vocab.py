@@ -7,12 +7,12 @@ Extra tokens (patient tokens, planted-duplicate tokens) are appended after them.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Iterable, Sequence
 
 import torch
 
+from .atomic_files import write_json
 from .prompts import AGES, PROJECTIONS, SEXES, UNCERTAIN_PREFIX, VIEWS, PromptParts, parse_prompt, parts_for
 from .records import CANONICAL_FINDINGS, XrayRecord
 
@@ -139,10 +139,7 @@ class Vocabulary:
                 "tokens": self.tokens, "kinds": self.token_kinds}
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":

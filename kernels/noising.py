@@ -196,7 +196,9 @@ class _NoisePredictionLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         grad_pred = None
         if grad is not None:
-            grad_pred = grad * _per_sample(grad_loss.to(grad.dtype), grad)
+            # in fp32, rounded once: a bf16 product of two bf16-rounded factors would round three times
+            cdt = torch.promote_types(grad.dtype, torch.float32)
+            grad_pred = (grad.to(cdt) * _per_sample(grad_loss.to(cdt), grad)).to(grad.dtype)
         return grad_pred, None, None, None, None, None, None, None
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion.schedule import DiffusionConfig
-from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
-from engine.model.export import export_model, load_model
-from engine.diffusion.sampling import timestep_sequence
 from engine.audit.scan import PromptList, load_prompts, prompt_groups, scan_prompts
+from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
+from engine.diffusion.sampling import timestep_sequence
+from engine.diffusion.schedule import DiffusionConfig
+from engine.model.export import export_model, load_model
 from engine.model.unet import ConditionalUNet, UNetConfig
 
 VOCAB = Vocabulary.default(extra_tokens=("tok0001", "tok0002"))
@@ -158,13 +158,15 @@ def test_prompt_file_errors_name_file_and_line(tmp_path, loaded):
 
 def test_validation_report_numbers_and_escaping(loaded, tmp_path):
     import json
+
     import numpy as np
     import pyarrow as pa
-    from engine.audit.copy_detection import CopyDetectorConfig, train_copy_detector
+
     from engine.audit.clip_embedding import ClipSpec
-    from engine.reports.audit_report import write_report
+    from engine.audit.copy_detection import CopyDetectorConfig, train_copy_detector
     from engine.audit.run_data import TrainingImages
     from engine.audit.validation import ValidationOptions, validate
+    from engine.reports.audit_report import write_report
 
     settings = DetectorSettings(generations=2, steps=2)
     plist = PromptList(PROMPTS, [f"p:{i}" for i in range(5)])
@@ -202,8 +204,10 @@ def test_validation_report_numbers_and_escaping(loaded, tmp_path):
 def test_scan_checkpoint_of_a_run_with_train_prompts(tmp_path):
     """The tool path: a run directory (export/, splits.json, manifest) scanned with --train-prompts."""
     import json
+
     import numpy as np
     from PIL import Image
+
     from engine.audit.run_data import split_images
     from engine.audit.scan import scan_checkpoint
 

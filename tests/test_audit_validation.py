@@ -7,8 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.audit.copy_detection import (CopyDetectorConfig, augment_positive, copy_statistics, dar_threshold,
-                                   load_copy_detector, nt_xent_loss, train_copy_detector)
+from engine.audit.copy_detection import (
+    CopyDetectorConfig,
+    augment_positive,
+    copy_statistics,
+    dar_threshold,
+    load_copy_detector,
+    nt_xent_loss,
+    train_copy_detector,
+)
 from engine.audit.nearest_neighbors import cached_embeddings, topk_neighbors
 from engine.audit.roc import calibrate_threshold, roc_metrics
 from engine.audit.similarity import pearson_normalize, ssim_pairwise

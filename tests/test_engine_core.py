@@ -8,12 +8,19 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
+from engine.diffusion.sampling import sample, seeded_noise, step_coefficients, timestep_sequence
+from engine.diffusion.schedule import (
+    DiffusionConfig,
+    NoiseSchedule,
+    eps_from_prediction,
+    loss_weights,
+    q_sample,
+    target_for,
+    x0_from_prediction,
+)
 from engine.model import attention as attention_module
 from engine.model.attention import attention
-from engine.diffusion.schedule import (DiffusionConfig, NoiseSchedule, eps_from_prediction, loss_weights, q_sample,
-                              target_for, x0_from_prediction)
 from engine.model.export import export_model, load_model
-from engine.diffusion.sampling import sample, seeded_noise, step_coefficients, timestep_sequence
 from engine.model.unet import ConditionalUNet, UNetConfig
 
 VOCAB = Vocabulary.default()

@@ -3,7 +3,6 @@ gradients (vmap of grad) in float64, on the engine's real U-Net blocks and on pl
 
 import pytest
 import torch
-
 from kernel_test_support import fresh_seed, interpreted_kernel_module, poison_allocations
 from torch import nn
 from torch.func import functional_call, grad, vmap

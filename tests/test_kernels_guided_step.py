@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from kernel_test_support import fresh_seed, interpreted_kernel_module, poison_allocations
 
 

@@ -5,9 +5,16 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from engine.audit.label_classifier import (LabelClassifier, LabelClassifierConfig, choose_labels, load_label_classifier,
-                                     per_label_auc, prompt_labels, train_label_classifier)
 from engine.audit.generation_audit import Generations, RealImages, audit_generations
+from engine.audit.label_classifier import (
+    LabelClassifier,
+    LabelClassifierConfig,
+    choose_labels,
+    load_label_classifier,
+    per_label_auc,
+    prompt_labels,
+    train_label_classifier,
+)
 
 EFF = "frontal PA chest x-ray, female, 60s: pleural effusion"
 EFF_UNC_EDEMA = "frontal PA chest x-ray, male, 40s: pleural effusion, uncertain edema"

@@ -14,10 +14,17 @@ import torch.multiprocessing as mp
 from torch.func import functional_call, grad, vmap
 
 from engine.diffusion.schedule import NoiseSchedule
-from engine.training.dp_sgd import (DPConfig, DPSGD, check_deepspeed_for_dp, diffusion_loss_fn, make_dp_batch,
-                           poisson_indices, shard_indices)
-from engine.training.privacy import PrivacyAccountant, epsilon_for, solve_noise_multiplier
 from engine.model.unet import ConditionalUNet, UNetConfig
+from engine.training.dp_sgd import (
+    DPSGD,
+    DPConfig,
+    check_deepspeed_for_dp,
+    diffusion_loss_fn,
+    make_dp_batch,
+    poisson_indices,
+    shard_indices,
+)
+from engine.training.privacy import PrivacyAccountant, epsilon_for, solve_noise_multiplier
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 SEED, STEP, B = 7, 3, 6

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion.schedule import NoiseSchedule
 from engine.diffusion.sampling import null_tokens_like, sample, seeded_noise, step_coefficients, timestep_sequence
+from engine.diffusion.schedule import NoiseSchedule
 from engine.mitigation.token_significance import conditional_noise_norm, heat_strip_html, token_significance
 from engine.model.unet import ConditionalUNet, UNetConfig
 from kernels.guided_step import guided_step_reference
@@ -218,7 +218,8 @@ def test_prompt_edits_remove_replace_and_insert(setup):
 def test_frechet_distance_closed_forms():
     import numpy as np
     import scipy.linalg
-    from engine.audit.frechet import frechet_distance, frechet_distance_features, feature_statistics
+
+    from engine.audit.frechet import feature_statistics, frechet_distance, frechet_distance_features
     # Diagonal covariances: d = |mu_a - mu_b|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
     mu_a, mu_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     va, vb = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 0.25])

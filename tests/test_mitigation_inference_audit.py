@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from data_pipeline.vocab import Vocabulary
-from engine.diffusion.schedule import DiffusionConfig
 from engine.audit.generation_audit import Generations, RealImages, audit_generations, audit_series
+from engine.diffusion.schedule import DiffusionConfig
 from engine.model.export import export_model
 from engine.model.unet import ConditionalUNet, UNetConfig
 

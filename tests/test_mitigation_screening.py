@@ -9,8 +9,8 @@ import torch
 
 from data_pipeline.vocab import NULL_ID
 from engine.diffusion.schedule import NoiseSchedule, q_sample
-from engine.training.screening import ScreeningConfig, conditional_noise_magnitude, screen
 from engine.model.unet import ConditionalUNet, UNetConfig
+from engine.training.screening import ScreeningConfig, conditional_noise_magnitude, screen
 
 SCHEDULE = NoiseSchedule("cosine", 200)
 

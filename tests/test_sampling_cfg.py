@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from data_pipeline.vocab import Vocabulary
-from engine.diffusion.schedule import NoiseSchedule
 from engine.diffusion.generate import generate
 from engine.diffusion.sampling import sample, seeded_noise
+from engine.diffusion.schedule import NoiseSchedule
 from engine.model.unet import ConditionalUNet, UNetConfig
 
 VOCAB = Vocabulary.default()

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from data_pipeline.images import to_model_range
 from engine.audit.nearest_neighbors import topk_neighbors
-from engine.model.network_files import load_network, save_network
 from engine.audit.similarity import pearson_normalize
+from engine.model.network_files import load_network, save_network
 
 BACKBONES = ("resnet50", "resnet18", "tiny")
 NAME = "copy_detector"   # files: copy_detector.safetensors + copy_detector.json (engine.model.network_files)
@@ -94,12 +95,10 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
 
 
 def _as_model_input(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
-    x = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else torch.as_tensor(images)
+    x = torch.as_tensor(images)
     if x.dtype == torch.uint8:
-        x = x.float() / 127.5 - 1.0
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    return x.float().to(device)
+        return to_model_range(x, channel_dim=x.dim() == 3).to(device)
+    return (x.unsqueeze(1) if x.dim() == 3 else x).float().to(device)
 
 
 class CopyDetector:

@@ -21,24 +21,22 @@ from any other generator that yields a `Generations` (e.g. the optimised-embeddi
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
+from data_pipeline.images import read_png, to_model_range
 from engine.audit.copy_detection import CopyDetector, copy_statistics, dar_threshold
 from engine.audit.frechet import frechet_distance_features
-from engine.audit.wen_detector import DetectorSettings, mean_score
 from engine.audit.nearest_neighbors import topk_neighbors
 from engine.audit.roc import calibrate_threshold, roc_metrics
 from engine.audit.scan import PromptList, prompt_groups, scan_prompts
 from engine.audit.similarity import pearson_normalize
+from engine.audit.wen_detector import DetectorSettings, mean_score
+from engine.reports.figures import figure_img, png_data_uri, pyplot
 
 PIXEL_FEATURE_SIZE = 8
 
@@ -61,11 +59,6 @@ class RealImages:
     heldout_prompts: list[str] | None = None   # their prompts (label conformance of real images)
 
 
-def _read_png(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"), dtype=np.uint8)
-
-
 def scan_generations(loaded, prompt_list: PromptList, settings: DetectorSettings, out_dir: str, *,
                      manifest: dict | None, groups: list[str] | None = None, batch_prompts: int = 16,
                      progress: bool = True, description: str = "scan") -> Generations:
@@ -78,7 +71,7 @@ def scan_generations(loaded, prompt_list: PromptList, settings: DetectorSettings
                        description=description)
     rows = res.table.to_pylist()
     g = settings.generations
-    images = np.stack([np.stack([_read_png(os.path.join(image_dir, f"{r['prompt_index']:06d}_g{j}.png"))
+    images = np.stack([np.stack([read_png(os.path.join(image_dir, f"{r['prompt_index']:06d}_g{j}.png"))
                                  for j in range(g)]) for r in rows])
     return Generations([r["prompt"] for r in rows], [groups[r["prompt_index"]] for r in rows],
                        [int(r["seed"]) for r in rows], np.array([r["norms_rms"] for r in rows], np.float32), images)
@@ -88,7 +81,7 @@ def scan_generations(loaded, prompt_list: PromptList, settings: DetectorSettings
 
 def pixel_features(images_u8: np.ndarray, size: int = PIXEL_FEATURE_SIZE) -> np.ndarray:
     """Area-downsampled pixels in [-1, 1] as a small offline feature vector [N, size*size]."""
-    x = torch.from_numpy(np.asarray(images_u8)).float().unsqueeze(1) / 127.5 - 1.0
+    x = to_model_range(np.asarray(images_u8))
     return torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(1).numpy().astype(np.float64)
 
 
@@ -232,7 +225,7 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
         copy_threshold = copy_detector.threshold
     else:
         space = "pixel_correlation"
-        to_vec = lambda a: a.reshape(len(a), -1).astype(np.float32) / 127.5 - 1.0  # noqa: E731
+        to_vec = lambda a: to_model_range(a, False).reshape(len(a), -1).numpy()  # noqa: E731
         train_emb, gen_emb = to_vec(real.train), to_vec(flat)
         if "pixel_threshold" not in cache:
             cache["pixel_threshold"] = dar_threshold(train_emb, to_vec(real.heldout)) if len(real.heldout) else None
@@ -309,20 +302,6 @@ def audit_series(gens: list[Generations], real: RealImages | None, *, threshold:
             how = f"from the first audit ({audits[0]['detection']['threshold_from']})"
     return audits
 
-def _png_uri(image_u8: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image_u8, np.uint8)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _fig_html(fig) -> str:
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img style="max-width:100%" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
-
-
 def headline(audit: dict) -> dict:
     """The few numbers a before/after table shows, flat."""
     det, cop, q = audit["detection"], audit["copying"], audit["quality"]
@@ -368,10 +347,7 @@ def comparison_table(names: list[str], audits: list[dict]) -> str:
 
 
 def distribution_plot(names: list[str], audits: list[dict]) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.4))
     for name, a in zip(names, audits):
         v = a["copying"]["nearest_similarity"].get("values", [])
         axes[0].hist(v, bins=30, histtype="step", label=name)
@@ -380,7 +356,7 @@ def distribution_plot(names: list[str], audits: list[dict]) -> str:
     axes[0].set(xlabel=f"nearest training similarity ({audits[0]['copying']['space']})", ylabel="generations")
     axes[0].legend(fontsize=7)
     axes[1].set(ylabel="memorization score (rms)", title="per prompt (red: planted)")
-    return _fig_html(fig)
+    return figure_img(fig)
 
 
 def side_by_side_grid(names: list[str], gens: list[Generations], real: RealImages, audits: list[dict],
@@ -393,9 +369,9 @@ def side_by_side_grid(names: list[str], gens: list[Generations], real: RealImage
         cells = [f"<td><code>{html.escape(gens[0].prompts[i])}</code><br>{html.escape(gens[0].groups[i])}</td>"]
         for gen, a in zip(gens, audits):
             nn_i = a["nearest_train_index"][i][0] if a["nearest_train_index"] else None
-            cells.append(f'<td><img width="96" style="image-rendering:pixelated" src="{_png_uri(gen.images[i, 0])}"><br>'
+            cells.append(f'<td><img width="96" style="image-rendering:pixelated" src="{png_data_uri(gen.images[i, 0])}"><br>'
                          f'score {a["per_prompt"][i]["score"]:.4f}</td>')
-            cells.append(f'<td><img width="96" style="image-rendering:pixelated" src="{_png_uri(real.train[nn_i])}"></td>'
+            cells.append(f'<td><img width="96" style="image-rendering:pixelated" src="{png_data_uri(real.train[nn_i])}"></td>'
                          if real is not None else "<td>–</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
@@ -415,16 +391,3 @@ def render_comparison_html(title: str, names: list[str], audits: list[dict], gen
               side_by_side_grid(names, gens, real, audits), "</body></html>"]
     return "".join(parts)
 
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
-    os.replace(tmp, path)
-
-
-def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

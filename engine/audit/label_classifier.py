@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from data_pipeline.images import to_model_range
 from data_pipeline.prompts import parse_prompt
-from engine.model.network_files import load_network, save_network
 from engine.audit.roc import roc_metrics
+from engine.model.network_files import load_network, save_network
 
 NAME = "label_classifier"   # files: label_classifier.safetensors + .json (engine.model.network_files)
 
@@ -80,7 +81,7 @@ def build_classifier(n_labels: int, width: int) -> nn.Module:
 
 
 def _as_input(images: np.ndarray, device) -> torch.Tensor:
-    return (torch.from_numpy(np.array(images, np.uint8)).float() / 127.5 - 1.0).unsqueeze(1).to(device)
+    return to_model_range(np.asarray(images, np.uint8)).to(device)
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

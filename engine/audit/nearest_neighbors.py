@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from data_pipeline.atomic_files import atomic_path
 from engine.audit.similarity import PairSimilarity, dot_similarity
 
 
@@ -74,8 +75,6 @@ def cached_embeddings(cache_dir: str | None, images: np.ndarray, model_key: str,
         except (OSError, ValueError):
             pass  # a damaged cache file is recomputed and replaced
     out = np.ascontiguousarray(embed(images))
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, out, allow_pickle=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, out, allow_pickle=False)
     return out

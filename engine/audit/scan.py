@@ -27,8 +27,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
+from data_pipeline.atomic_files import atomic_path, write_json
+from data_pipeline.images import to_uint8, write_png
 from engine.audit.roc import calibrate_threshold, roc_metrics
+from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
 
 META_KEY = b"memdiff_scan"
 PART_SCHEMA = pa.schema([
@@ -127,9 +129,8 @@ def model_fingerprint(loaded) -> str:
 # ---- journal ------------------------------------------------------------------------------------
 
 def _atomic_write_table(table: pa.Table, path: str, csv_too: bool = False) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     if csv_too:
         import pyarrow.csv as pacsv
         flat = table
@@ -137,10 +138,8 @@ def _atomic_write_table(table: pa.Table, path: str, csv_too: bool = False) -> No
             if name in flat.column_names:  # CSV has no lists: nested columns become JSON text
                 col = [json.dumps(v) for v in flat.column(name).to_pylist()]
                 flat = flat.set_column(flat.column_names.index(name), name, pa.array(col, pa.string()))
-        csv_path = os.path.splitext(path)[0] + ".csv"
-        tmp = f"{csv_path}.tmp{os.getpid()}"
-        pacsv.write_csv(flat, tmp)
-        os.replace(tmp, csv_path)
+        with atomic_path(os.path.splitext(path)[0] + ".csv") as tmp:
+            pacsv.write_csv(flat, str(tmp))
 
 
 def _journal_dir(out_path: str) -> str:
@@ -217,10 +216,7 @@ def scan_prompts(loaded, prompt_list: PromptList, out_path: str, settings: Detec
     journal = _journal_dir(out_path)
     if todo:
         os.makedirs(journal, exist_ok=True)
-        meta_tmp = os.path.join(journal, f"meta.json.tmp{os.getpid()}")
-        with open(meta_tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(meta_tmp, os.path.join(journal, "meta.json"))
+        write_json(os.path.join(journal, "meta.json"), meta)
     if save_images:
         os.makedirs(save_images, exist_ok=True)
 
@@ -258,14 +254,10 @@ def scan_prompts(loaded, prompt_list: PromptList, out_path: str, settings: Detec
 
 
 def _save_images(out_dir: str, prompt_indices: list[int], images: torch.Tensor) -> None:
-    from PIL import Image
-    pixels = ((images[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    pixels = to_uint8(images)
     for row, i in enumerate(prompt_indices):
         for g in range(pixels.shape[1]):
-            path = os.path.join(out_dir, f"{i:06d}_g{g}.png")
-            tmp = path + ".tmp.png"
-            Image.fromarray(pixels[row, g]).save(tmp)
-            os.replace(tmp, path)
+            write_png(os.path.join(out_dir, f"{i:06d}_g{g}.png"), pixels[row, g])
 
 
 def finalize_table(rows: list[dict], meta: dict, *, step_range: tuple[int, int] | None = None,
@@ -384,8 +376,8 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
     Every input is checked before the first forward pass. Writes `out_path` (and `<out>.metrics.json`
     when the run has a planted manifest; `<out stem>.reference.parquet` when calibrating).
     """
-    from engine.model.export import load_model
     from engine.audit.run_data import prompt_counts, read_manifest
+    from engine.model.export import load_model
 
     if (prompts_file is None) == (not train_prompts):
         raise ValueError("give exactly one of --prompts FILE or --train-prompts")
@@ -433,9 +425,5 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
     result.threshold = threshold
     result.metrics = ground_truth_metrics(result.table)
     if result.metrics:
-        path = os.path.splitext(out_path)[0] + ".metrics.json"
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"threshold": threshold, "metrics": result.metrics}, f, indent=1)
-        os.replace(tmp, path)
+        write_json(os.path.splitext(out_path)[0] + ".metrics.json", {"threshold": threshold, "metrics": result.metrics})
     return result

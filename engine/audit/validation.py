@@ -16,14 +16,15 @@ import torch
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from engine.audit.copy_detection import CopyDetector, copy_statistics
+from data_pipeline.images import to_model_range, to_uint8
 from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
-from engine.audit.wen_detector import DetectorSettings, detect, mean_score
+from engine.audit.copy_detection import CopyDetector, copy_statistics
 from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
-from engine.audit.run_data import TrainingImages
 from engine.audit.roc import roc_curve, roc_metrics
+from engine.audit.run_data import TrainingImages
 from engine.audit.scan import planted_comparisons, scan_metadata
 from engine.audit.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
+from engine.audit.wen_detector import DetectorSettings, detect, mean_score
 
 
 @dataclass
@@ -88,14 +89,6 @@ def _step_range(table: pa.Table):
     return tuple(r) if r else None
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def _to_float(images_u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images_u8).float() / 127.5 - 1.0
-
-
 def bootstrap_spearman(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> dict:
     """Spearman rho with a 95% percentile bootstrap interval over resampled prompts."""
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
@@ -114,7 +107,7 @@ def bootstrap_spearman(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> 
 def neighbors_by_metric(generated_u8: np.ndarray, train: TrainingImages, opts: ValidationOptions,
                         copy_detector: CopyDetector | None, clip: ClipEmbedder | None) -> dict:
     """For each metric: (values [Q, k], indices [Q, k]) of the nearest training images, plus embeddings."""
-    q, keys = _to_float(generated_u8), _to_float(train.images)
+    q, keys = to_model_range(generated_u8, False), to_model_range(train.images, False)
     k = opts.neighbors
     out = {}
     v, i = topk_neighbors(pearson_normalize(q), pearson_normalize(keys), k)
@@ -169,7 +162,7 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
     rows = sorted({i for ids in selection.values() for i in ids})
     images, drift = regenerate(loaded, table, rows, opts, progress)
     n_p, n_g = images.shape[:2]
-    generated = _to_uint8(images[:, :, 0])                                  # [P, G, S, S]
+    generated = to_uint8(images)                                  # [P, G, S, S]
     flat = generated.reshape(n_p * n_g, size, size)
     clip = ClipEmbedder(opts.clip) if use_clip else None
     found = neighbors_by_metric(flat, train, opts, copy_detector, clip)

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.diffusion.schedule import NoiseSchedule
 from engine.diffusion.sampling import SAMPLERS, sample, seeded_noise
+from engine.diffusion.schedule import NoiseSchedule
 
 
 @dataclass(frozen=True)

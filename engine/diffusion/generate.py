@@ -11,8 +11,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.diffusion.schedule import NoiseSchedule
+from data_pipeline.atomic_files import write_json
+from data_pipeline.images import to_uint8, write_png
 from engine.diffusion.sampling import sample, seeded_noise
+from engine.diffusion.schedule import NoiseSchedule
 
 
 @torch.no_grad()
@@ -42,14 +44,6 @@ def generate(model, schedule: NoiseSchedule, tokens: torch.Tensor, seeds: Sequen
     return out
 
 
-def _atomic_json(path, obj) -> None:
-    import json
-    import os
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def write_samples(checkpoint: str, prompts: Sequence[str], out_dir: str, *, guidance: Sequence[float] = (7.5,),
                   steps: int = 50, sampler: str = "ddim", eta: float = 0.0, seed: int = 0, per_prompt: int = 4,
                   device: str = "cpu", progress: bool = True) -> dict:
@@ -63,8 +57,8 @@ def write_samples(checkpoint: str, prompts: Sequence[str], out_dir: str, *, guid
 
     from tqdm import tqdm
 
-    from engine.reports.image_grid import panels_figure, save_figure, save_png, to_uint8
     from engine.model.export import load_model
+    from engine.reports.image_grid import panels_figure, save_figure
 
     loaded = load_model(checkpoint, device)
     for i, prompt in enumerate(prompts):
@@ -87,13 +81,13 @@ def write_samples(checkpoint: str, prompts: Sequence[str], out_dir: str, *, guid
             grid.append(pixels)
             for k, s in enumerate(seeds):
                 name = f"p{i:03d}_s{s}_w{w:g}"
-                save_png(pixels[k], out / f"{name}.png")
+                write_png(out / f"{name}.png", pixels[k])
                 meta = {"prompt": prompts[i], "seed": s, "guidance": w, "steps": steps, "sampler": sampler,
                         "eta": eta if sampler == "ddim" else 1.0, "checkpoint": str(loaded.path),
                         "model_step": loaded.metadata.get("step"), "image": f"{name}.png"}
-                _atomic_json(out / f"{name}.json", meta)
+                write_json(out / f"{name}.json", meta)
                 index.append(meta)
         panels.append((f"w = {w:g}", np.stack(grid)))
     save_figure(panels_figure(panels, list(prompts), title=str(loaded.path)), out / "grid.png")
-    _atomic_json(out / "index.json", index)
+    write_json(out / "index.json", index)
     return {"images": index, "grid": str(out / "grid.png")}

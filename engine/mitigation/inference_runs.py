@@ -12,15 +12,16 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from engine.audit.wen_detector import DetectorSettings, prompt_seeds
+from data_pipeline.images import to_uint8
 from engine.audit.generation_audit import Generations, RealImages, audit_series, scan_generations
-from engine.mitigation.prompt_optimization import optimize_prompt_embedding
-from engine.audit.run_data import load_split_cache, read_manifest, read_splits, split_prompts
-from engine.diffusion.sampling import sample, seeded_noise
+from engine.audit.run_data import load_split_cache, read_splits, split_prompts
 from engine.audit.scan import PromptList, encode_prompts, prompt_groups, training_prompt_list
+from engine.audit.wen_detector import DetectorSettings, prompt_seeds
+from engine.diffusion.sampling import sample, seeded_noise
+from engine.mitigation.prompt_optimization import optimize_prompt_embedding
+from engine.reports.figures import figure_img, pyplot
 
 
 def run_real_images(run_dir: str, heldout_split: str = "val", progress: bool = True) -> RealImages:
@@ -67,10 +68,7 @@ def guidance_sweep(loaded, prompt_list: PromptList, settings: DetectorSettings, 
 
 def guidance_plot_html(audits: list[dict]) -> str:
     """Memorization score, copy rate and Fréchet distance against w (three panels)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from engine.audit.generation_audit import _fig_html
+    plt = pyplot()
     w = [a["guidance"] for a in audits]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
     for key, label in (("planted_score_mean", "planted"), ("control_score_mean", "control"),
@@ -109,7 +107,7 @@ def guidance_plot_html(audits: list[dict]) -> str:
             twin.axhline(real_auc, color="k", ls="--", lw=0.8, label="same, real held-out")
         twin.set_ylabel("label conformance, macro AUC")
         twin.legend(fontsize=7, loc="lower right")
-    return _fig_html(fig)
+    return figure_img(fig)
 
 
 # ---- optimised prompt embedding ---------------------------------------------------------------------
@@ -139,8 +137,7 @@ def optimized_generations(loaded, prompt_list: PromptList, settings: DetectorSet
                      guidance=settings.guidance, parameterization=param, clip_x0=settings.clip_x0,
                      context=opt.rows(g))
         norms.append(out.norms_rms.T.reshape(len(tok), g, -1).numpy())
-        images.append(((out.images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-                      .reshape(len(tok), g, *shape[1:]).numpy())
+        images.append(to_uint8(out.images).reshape(len(tok), g, *shape[1:]))
         scale = float(opt.elements) ** 0.5
         for j in range(len(tok)):
             stats.append({"prompt": prompt_list.prompts[b0 + j], "loss_before_rms": float(opt.loss_before[j]) / scale,

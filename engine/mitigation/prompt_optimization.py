@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.diffusion.schedule import NoiseSchedule
 from engine.diffusion.sampling import null_tokens_like
+from engine.diffusion.schedule import NoiseSchedule
 from engine.mitigation.token_significance import conditional_noise_norm
 
 WEN_TARGET_RMS = 3.0 / math.sqrt(4 * 64 * 64)

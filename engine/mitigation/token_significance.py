@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion.schedule import NoiseSchedule
 from engine.diffusion.sampling import null_tokens_like, predict_cond_uncond, step_coefficients, timestep_sequence
+from engine.diffusion.schedule import NoiseSchedule
 from kernels.guided_step import guided_step
 
 

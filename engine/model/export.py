@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.atomic_files import atomic_path, write_json
 from data_pipeline.vocab import Vocabulary
 from engine.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from engine.model.unet import ConditionalUNet, UNetConfig
@@ -36,27 +37,18 @@ class LoadedModel:
     path: Path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def export_model(out_dir: str | os.PathLike, model: ConditionalUNet, diffusion_cfg: DiffusionConfig,
                  vocab: Vocabulary, metadata: dict | None = None) -> Path:
     """Write weights, config and vocabulary to `out_dir` (each file atomically). Returns the dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": str(FORMAT_VERSION)})
-    os.replace(tmp, out / WEIGHTS)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": str(FORMAT_VERSION)})
     config = {"format": FORMAT_VERSION, "unet": model.cfg.to_dict(), "diffusion": asdict(diffusion_cfg),
               "metadata": metadata or {}}
-    _atomic_write_text(out / CONFIG, json.dumps(config, indent=2))
-    vocab_tmp = out / (VOCAB + ".tmp")
-    vocab.save(str(vocab_tmp))
-    os.replace(vocab_tmp, out / VOCAB)
+    write_json(out / CONFIG, config, indent=2)
+    vocab.save(str(out / VOCAB))
     return out
 
 

@@ -15,21 +15,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_pipeline.atomic_files import atomic_path, write_json
+
 
 def _format(name: str) -> str:
     return "memdiff-" + name.replace("_", "-")
 
 
 def save_network(out_dir: str, name: str, model: nn.Module, meta: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = os.path.join(out_dir, f".{name}.safetensors.tmp{os.getpid()}")
-    save_file(state, tmp)
-    os.replace(tmp, os.path.join(out_dir, f"{name}.safetensors"))
-    tmp = os.path.join(out_dir, f".{name}.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({"format": _format(name), **meta}, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, f"{name}.json"))
+    with atomic_path(os.path.join(out_dir, f"{name}.safetensors")) as tmp:
+        save_file(state, str(tmp))
+    write_json(os.path.join(out_dir, f"{name}.json"), {"format": _format(name), **meta})
 
 
 def load_network(path: str, name: str, trained_by: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -5,45 +5,27 @@ the data is ever placed in the page unescaped.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
 import os
 
 import numpy as np
 
+from data_pipeline.atomic_files import write_json, write_text
 from engine.audit.validation import ValidationResult
+from engine.reports.figures import figure_img, png_data_uri, pyplot
 
 PRIMARY_METRICS = ("pixel_correlation", "dar_correlation", "ssim", "clip_cosine")  # first present one is shown
 METRIC_NAMES = {"pixel_correlation": "pixel Pearson", "ssim": "SSIM", "clip_cosine": "CLIP cosine",
                 "dar_correlation": "Dar copy-detection corr."}
 
 
-def png_base64(image_u8: np.ndarray) -> str:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image_u8, dtype=np.uint8)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _img(image_u8: np.ndarray, caption: str = "") -> str:
-    return (f'<figure><img src="data:image/png;base64,{png_base64(image_u8)}" alt="">'
+    return (f'<figure><img src="{png_data_uri(image_u8)}" alt="">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _figure_png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return f'<img class="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
-
-
 def _plots(n: dict) -> dict[str, str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     out = {}
     metrics = list(n["spearman_score_vs_nearest_similarity"])
     if metrics:
@@ -60,7 +42,7 @@ def _plots(n: dict) -> dict[str, str]:
                    title=f"Spearman {rho}")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        out["scatter"] = _figure_png(fig)
+        out["scatter"] = figure_img(fig, 'class="plot"')
     if n.get("roc"):
         fig, ax = plt.subplots(figsize=(4.5, 4))
         for name, r in n["roc"].items():
@@ -68,7 +50,7 @@ def _plots(n: dict) -> dict[str, str]:
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
         ax.legend(fontsize=6)
-        out["roc"] = _figure_png(fig)
+        out["roc"] = figure_img(fig, 'class="plot"')
     if n.get("tsne"):
         t = n["tsne"]
         fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -81,7 +63,7 @@ def _plots(n: dict) -> dict[str, str]:
             ax.scatter(gxy[high, 0], gxy[high, 1], s=18, c="tab:red", marker="*", label="generated, top scores")
         ax.set(title="t-SNE of CLIP embeddings", xticks=[], yticks=[])
         ax.legend(fontsize=7)
-        out["tsne"] = _figure_png(fig)
+        out["tsne"] = figure_img(fig, 'class="plot"')
     return out
 
 
@@ -175,25 +157,7 @@ def render_html(result: ValidationResult, title: str = "memdiff memorization rep
 def write_report(result: ValidationResult, out_dir: str, title: str = "memdiff memorization report",
                  primary: str | None = None) -> tuple[str, str]:
     """Write report.html and report.json atomically into out_dir; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for name, text in (("report.html", render_html(result, title, primary)),
-                       ("report.json", json.dumps(result.numbers, indent=1, allow_nan=False,
-                                                  default=_json_default))):
-        path = os.path.join(out_dir, name)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths[0], paths[1]
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+    html_path, json_path = os.path.join(out_dir, "report.html"), os.path.join(out_dir, "report.json")
+    write_text(html_path, render_html(result, title, primary))
+    write_json(json_path, result.numbers, allow_nan=False)
+    return html_path, json_path

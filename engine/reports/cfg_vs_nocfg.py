@@ -13,9 +13,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from data_pipeline.atomic_files import write_text
+from data_pipeline.images import to_uint8
 from engine.diffusion.generate import generate
-from engine.reports.image_grid import panels_figure, save_figure, to_uint8
 from engine.model.export import load_model
+from engine.reports.image_grid import panels_figure, save_figure
 from engine.training.run_logger import plot_loss_curves, read_metrics
 
 
@@ -88,7 +90,4 @@ without it only at w = 1 (its unconditional branch was never trained).</p>
 <img src="samples.png" alt="sample grids">
 </body></html>
 """
-    tmp = out / f".index.html.tmp{os.getpid()}"
-    tmp.write_text(page)
-    os.replace(tmp, out / "index.html")
-    return out / "index.html"
+    return write_text(out / "index.html", page)

@@ -6,14 +6,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-from PIL import Image
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], [..., 1, S, S] -> uint8 [..., S, S]."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.squeeze(-3).numpy()
+from data_pipeline.atomic_files import atomic_path
+from engine.reports.figures import pyplot
 
 
 def tile(images: np.ndarray, pad: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -27,28 +22,12 @@ def tile(images: np.ndarray, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     return out
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-
-
-def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a uint8 grayscale image atomically."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    Image.fromarray(image, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure atomically and close it."""
-    import matplotlib.pyplot as plt
     path = Path(path)
-    tmp = _atomic_target(path)
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    pyplot().close(fig)
     return path
 
 
@@ -57,9 +36,7 @@ def panels_figure(panels: Sequence[tuple[str, np.ndarray]], row_labels: Sequence
 
     Row labels (prompts) are printed once, left of the first panel.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     tiles = [tile(grid) for _, grid in panels]
     width = sum(t.shape[1] for t in tiles) / 60 + (4.5 if row_labels else 0.5)
     height = max(t.shape[0] for t in tiles) / 60 + 0.9

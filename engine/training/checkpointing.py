@@ -20,6 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.atomic_files import write_json, write_text
 from engine.training.ema import EMA
 
 LATEST = "latest"
@@ -35,15 +36,6 @@ def tag_for(step: int) -> str:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
@@ -75,11 +67,11 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, ema: EMA, st
     if rank == 0:
         tmp = ckpt_dir / tmp_tag
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
-        _atomic_write_text(tmp / STATE, json.dumps({**state, "step": step}, indent=2))
+        write_json(tmp / STATE, {**state, "step": step}, indent=2, fsync=True)
         if final.exists():
             shutil.rmtree(final)  # an incomplete directory of the same name (no STATE): not a checkpoint
         os.replace(tmp, final)
-        _atomic_write_text(ckpt_dir / LATEST, final_tag + "\n")
+        write_text(ckpt_dir / LATEST, final_tag + "\n", fsync=True)
         _prune(ckpt_dir, keep, final_tag)
     _barrier()
     return final

@@ -30,9 +30,9 @@ from typing import Any, Callable, Literal
 from data_pipeline.augment import AugmentConfig
 from data_pipeline.dataset import validate_data_config
 from engine.diffusion.schedule import DiffusionConfig
+from engine.model.unet import UNetConfig
 from engine.training.dp_sgd import DPConfig, check_deepspeed_for_dp
 from engine.training.screening import ScreeningConfig
-from engine.model.unet import UNetConfig
 
 
 class ConfigError(ValueError):

@@ -42,9 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.images import to_model_range
+from engine.diffusion.sampling import null_tokens_like
 from engine.diffusion.schedule import NoiseSchedule, loss_weights, per_sample_loss, q_sample, target_for
 from engine.training.privacy import ACCOUNTANTS, solve_noise_multiplier
-from engine.diffusion.sampling import null_tokens_like
 from kernels.dp_clip import PerSampleNormHooks, add_noise_and_scale_, clip_factors
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def poisson_batches(images: np.ndarray | torch.Tensor, tokens: torch.Tensor, sam
     step = start_step
     while True:
         idx = shard_indices(poisson_indices(n, sample_rate, seed, step), rank, world_size)
-        x = images[idx].to(torch.float32).div(127.5).sub(1.0).unsqueeze(1)
+        x = to_model_range(images[idx])
         if augment is not None and len(idx):
             from data_pipeline.augment import augment_batch  # noqa: PLC0415 - only when augmenting
             gen = torch.Generator().manual_seed(int(_rng(seed, step, rank, 0xA06).integers(2**62)))

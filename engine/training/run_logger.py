@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.atomic_files import write_text
+from engine.reports.figures import pyplot
 from engine.reports.image_grid import panels_figure, save_figure
 
 METRICS = "metrics.jsonl"
@@ -45,10 +47,7 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
 
 def plot_loss_curves(curves: dict[str, list[dict]], path: str | os.PathLike, title: str = "training loss") -> Path:
     """One line per run (raw faint, smoothed solid), log-scale loss."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for i, (name, rows) in enumerate(curves.items()):
         rows = [r for r in rows if "loss" in r and math.isfinite(r["loss"])]
         if not rows:
@@ -91,9 +90,7 @@ class RunLogger:
         rows = read_metrics(self.run_dir)
         kept = [r for r in rows if r.get("step", 0) <= step]
         if len(kept) != len(rows):
-            tmp = self.run_dir / f"{METRICS}.tmp{os.getpid()}"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.run_dir / METRICS)
+            write_text(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
     def advance(self, steps: int = 1, **postfix) -> None:
         if self.bar is not None:

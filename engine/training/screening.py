@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.diffusion.schedule import NoiseSchedule, eps_from_prediction, q_sample
 from engine.diffusion.sampling import null_tokens_like
+from engine.diffusion.schedule import NoiseSchedule, eps_from_prediction, q_sample
 
 UNITS = ("raw", "rms")
 

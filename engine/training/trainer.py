@@ -23,22 +23,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.atomic_files import write_json, write_text
 from data_pipeline.dataset import prepare_dataset
+from data_pipeline.images import to_uint8
 from data_pipeline.loaders import make_loader
+from engine.diffusion.generate import generate
+from engine.diffusion.schedule import NoiseSchedule, loss_weights
+from engine.model.export import export_model
+from engine.model.unet import ConditionalUNet, UNetConfig, count_parameters
 from engine.training.checkpointing import latest_tag, load_checkpoint, save_checkpoint
 from engine.training.cluster_env import process_group_env
 from engine.training.config import TrainConfig, resolved_json
-from engine.diffusion.schedule import NoiseSchedule, loss_weights
+from engine.training.dp_sgd import DPTraining
 from engine.training.ema import EMA
-from engine.diffusion.generate import generate
-from engine.reports.image_grid import to_uint8
-from engine.model.export import export_model
 from engine.training.run_logger import RunLogger
-from engine.model.unet import ConditionalUNet, UNetConfig, count_parameters
+from engine.training.screening import ScreeningMonitor, screened_mean
 from kernels.backend import use_triton
 from kernels.noising import noise_prediction_loss, noised_input
-from engine.training.dp_sgd import DPTraining
-from engine.training.screening import ScreeningMonitor, screened_mean
 
 # The sections a resumed run must share with the run it continues (others, e.g. training.steps, may change).
 FIXED_ON_RESUME = ("model", "diffusion", "data", "conditioning",
@@ -134,12 +135,6 @@ def _sample_prompts(cfg: TrainConfig, prepared) -> tuple[list[str], torch.Tensor
     return chosen, split.tokens[rows]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None) -> dict:
     """Run (or continue) the training described by `cfg`. Returns a summary (rank 0: paths, final step)."""
     import deepspeed
@@ -159,7 +154,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     tag = _check_run_dir(cfg, run_dir, resume)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / "config.json", resolved_json(cfg))
+        write_text(run_dir / "config.json", resolved_json(cfg))
     dist.barrier()
 
     # Data: rank 0 reads / generates / caches first, the others then hit its cache.
@@ -223,8 +218,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     prompts, prompt_tokens = _sample_prompts(cfg, prepared)
     guidance = list(cfg.logging.sample_guidance) if cfg.conditioning.p_uncond > 0 else [1.0]
     if is_main:
-        _atomic_write(run_dir / "sample_prompts.json", json.dumps(
-            {"prompts": prompts, "seeds": list(cfg.logging.sample_seeds), "guidance": guidance}, indent=2))
+        write_json(run_dir / "sample_prompts.json",
+                   {"prompts": prompts, "seeds": list(cfg.logging.sample_seeds), "guidance": guidance}, indent=2)
     logger = RunLogger(run_dir, enabled=is_main, total_steps=total, start_step=start_step,
                        tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
     title = f"{run_dir.name} (p_uncond={cfg.conditioning.p_uncond:g})"
@@ -350,7 +345,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     if dp_training is not None:  # the privacy spent, in the summary and the run dir
         summary["privacy"] = dp_training.summary()
         if is_main:
-            _atomic_write(run_dir / "privacy.json", json.dumps(summary["privacy"], indent=2))
+            write_json(run_dir / "privacy.json", summary["privacy"], indent=2)
             say(f"privacy: (epsilon {summary['privacy']['epsilon']:.3g}, delta {cfg.dp.delta:g}) after "
                 f"{summary['privacy']['steps']} DP-SGD steps -> {run_dir / 'privacy.json'}")
     if is_main and step > start_step:
