@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion.sampling import null_tokens_like, sample, seeded_noise, step_coefficients, timestep_sequence
+from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_like
+from engine.diffusion.sampling import sample, seeded_noise, step_coefficients, timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
-from engine.mitigation.token_significance import conditional_noise_norm, heat_strip_html, token_significance
+from engine.mitigation.token_significance import heat_strip_html, token_significance
 from engine.model.unet import ConditionalUNet, UNetConfig
 from kernels.guided_step import guided_step_reference
 
@@ -62,8 +63,8 @@ def test_significance_matches_finite_differences(setup):
                     plus[b, i, d] += h
                     minus[b, i, d] -= h
                     with torch.no_grad():
-                        lp, _ = conditional_noise_norm(model, x, t, plus, mask, nctx, nmask, schedule)
-                        lm, _ = conditional_noise_norm(model, x, t, minus, mask, nctx, nmask, schedule)
+                        lp, _, _ = conditional_noise_magnitude(model, x, t, (plus, mask), (nctx, nmask), schedule)
+                        lm, _, _ = conditional_noise_magnitude(model, x, t, (minus, mask), (nctx, nmask), schedule)
                     g[d] = (lp[b] - lm[b]) / (2 * h)
                 ss_fd[b, i] += g.pow(2).sum()
     ss_fd /= len(res.timesteps)
@@ -93,7 +94,7 @@ def test_significance_walks_the_sampler_trajectory_not_the_swapped_one(setup):
         ts = timestep_sequence(schedule, steps)
         for i, t in enumerate(ts.tolist()):
             coefs = step_coefficients(schedule, t, int(ts[i + 1]) if i + 1 < steps else -1, 0.0)
-            _, pred = conditional_noise_norm(model, x, t, nctx, nmask, ctx, mask, schedule)
+            _, _, pred = conditional_noise_magnitude(model, x, t, (nctx, nmask), (ctx, mask), schedule)
             x, n_raw, _ = guided_step_reference(pred, x, None, guidance=w, **coefs)
             swapped_norms.append(n_raw)
     swapped = torch.stack(swapped_norms)
@@ -143,7 +144,7 @@ def test_embedding_optimisation_lowers_first_step_norm(setup):
     ctx, mask = res.rows(2)
     with torch.no_grad():
         nctx, nmask = model.encode(null_tokens_like(tokens.repeat_interleave(2, 0)))
-        norm, _ = conditional_noise_norm(model, noise, schedule.num_timesteps - 1, ctx, mask, nctx, nmask, schedule)
+        norm, _, _ = conditional_noise_magnitude(model, noise, schedule.num_timesteps - 1, (ctx, mask), (nctx, nmask), schedule)
     torch.testing.assert_close(norm.reshape(2, 2).mean(1), res.loss_after, rtol=1e-5, atol=1e-6)
     # And sampling with it gives the first-step norm the sampler records.
     out = sample(model, tokens.repeat_interleave(2, 0), noise, schedule, steps=4, guidance=3.0, context=(ctx, mask))

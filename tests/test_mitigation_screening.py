@@ -10,7 +10,7 @@ import torch
 from data_pipeline.vocab import NULL_ID
 from engine.diffusion.schedule import NoiseSchedule, q_sample
 from engine.model.unet import ConditionalUNet, UNetConfig
-from engine.training.screening import ScreeningConfig, conditional_noise_magnitude, screen
+from engine.training.screening import ScreeningConfig, screen, screening_magnitude
 
 SCHEDULE = NoiseSchedule("cosine", 200)
 
@@ -68,8 +68,8 @@ def test_reusing_the_conditional_prediction_gives_the_same_magnitudes():
     model, x_t, t, tokens = setup()
     with torch.no_grad():
         pred_cond = model(x_t, t, tokens)
-    both = conditional_noise_magnitude(model, x_t, t, tokens, SCHEDULE)
-    reused = conditional_noise_magnitude(model, x_t, t, tokens, SCHEDULE, pred_cond=pred_cond)
+    both = screening_magnitude(model, x_t, t, tokens, SCHEDULE)
+    reused = screening_magnitude(model, x_t, t, tokens, SCHEDULE, pred_cond=pred_cond)
     torch.testing.assert_close(both[0], reused[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(both[1], both[0] / 16.0)
 

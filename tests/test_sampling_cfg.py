@@ -7,6 +7,7 @@ import torch
 
 from data_pipeline.vocab import Vocabulary
 from engine.diffusion.generate import generate
+from engine.diffusion.guidance import noise_magnitude, null_tokens_like, predict_cond_uncond
 from engine.diffusion.sampling import sample, seeded_noise
 from engine.diffusion.schedule import NoiseSchedule
 from engine.model.unet import ConditionalUNet, UNetConfig
@@ -65,6 +66,29 @@ def test_one_ddim_step_uses_guided_epsilon(w):
     raw = (eps_c - eps_u).flatten(1).norm(dim=1)
     torch.testing.assert_close(out.norms_raw[0].double(), raw, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.norms_rms[0].double(), raw / 16, rtol=1e-4, atol=1e-6)
+    # the one primitive the scanner, token significance and screening use gives the same numbers
+    p_raw, p_rms = noise_magnitude(eps_c, eps_u)
+    torch.testing.assert_close(p_raw, raw, rtol=1e-12, atol=0)
+    torch.testing.assert_close(p_rms, raw / 16, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_cond_uncond_prediction_at_one_step_equals_per_sample_steps(parameterization):
+    """Sampling passes one step (int), screening each sample's own step (tensor): same epsilon."""
+    net, schedule = model(0.2), NoiseSchedule("linear", 1000)
+    tokens = VOCAB.encode_batch(PROMPTS)
+    x = seeded_noise([4, 5, 6], (1, 16, 16))
+    with torch.no_grad():
+        cond, null = net.encode(tokens), net.encode(null_tokens_like(tokens))
+        at_int = predict_cond_uncond(net, x, 700, cond, null, schedule, parameterization)
+        at_tensor = predict_cond_uncond(net, x, torch.full((3,), 700), cond, null, schedule, parameterization)
+        raw_pred = net.denoise(torch.cat([x, x]), torch.full((6,), 700), torch.cat([cond[0], null[0]]),
+                               torch.cat([cond[1], null[1]]))
+    torch.testing.assert_close(at_int, at_tensor, rtol=1e-6, atol=1e-6)
+    if parameterization == "v":   # eps = sqrt(1 - abar) x + sqrt(abar) v, written out
+        abar = schedule.alphas_cumprod[700].item()
+        raw_pred = (1 - abar) ** 0.5 * torch.cat([x, x]) + abar ** 0.5 * raw_pred
+    torch.testing.assert_close(at_int, raw_pred, rtol=1e-6, atol=1e-6)
 
 
 def test_cond_and_uncond_in_one_batch_equal_separate_forwards():

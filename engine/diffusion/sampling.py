@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from data_pipeline.vocab import NULL_ID, PAD_ID
+from engine.diffusion.guidance import null_tokens_like, predict_cond_uncond
 from engine.diffusion.schedule import NoiseSchedule
 from kernels.guided_step import guided_step
 
@@ -30,13 +30,6 @@ class SampleOutput:
     norms_raw: torch.Tensor    # [S, B] ||eps_c - eps_u||_2 per step and sample (empty if not recorded)
     norms_rms: torch.Tensor    # [S, B] the same per element
     timesteps: torch.Tensor    # [S] the model timesteps visited, first (noisiest) first
-
-
-def null_tokens_like(tokens: torch.Tensor) -> torch.Tensor:
-    """The empty prompt ([NULL, PAD, ...]) with the shape and device of `tokens`."""
-    null = torch.full_like(tokens, PAD_ID)
-    null[:, 0] = NULL_ID
-    return null
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -59,23 +52,6 @@ def step_coefficients(schedule: NoiseSchedule, t: int, t_prev: int, eta: float) 
     sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t)) * math.sqrt(max(0.0, 1 - ab_t / ab_prev))
     return dict(sqrt_ab_t=math.sqrt(ab_t), sqrt_1mab_t=math.sqrt(1 - ab_t), sqrt_ab_prev=math.sqrt(ab_prev),
                 sqrt_1mab_prev_dir=math.sqrt(max(0.0, 1 - ab_prev - sigma ** 2)), sigma=sigma)
-
-
-def predict_cond_uncond(model, x: torch.Tensor, t: int, context: torch.Tensor, mask: torch.Tensor,
-                        null_context: torch.Tensor, null_mask: torch.Tensor, parameterization: str,
-                        sqrt_ab_t: float, sqrt_1mab_t: float) -> torch.Tensor:
-    """One batched forward on [cond; uncond], returned as epsilon predictions [2B, ...].
-
-    bf16/fp16 outputs are promoted to fp32 (scores are computed in fp32); fp64 stays fp64 so
-    gradient checks can run in double precision. Differentiable when called under grad.
-    """
-    x_in = torch.cat([x, x])
-    t_in = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
-    pred = model.denoise(x_in, t_in, torch.cat([context, null_context]), torch.cat([mask, null_mask]))
-    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
-    if parameterization == "v":  # eps = sqrt(1-abar) x_t + sqrt(abar) v: linear, so guidance commutes
-        pred = sqrt_1mab_t * x_in.to(pred.dtype) + sqrt_ab_t * pred
-    return pred
 
 
 @torch.no_grad()
@@ -111,8 +87,8 @@ def sample(model, tokens: torch.Tensor, noise: torch.Tensor, schedule: NoiseSche
              if coefs["sigma"] > 0 else None)
         with amp:
             if two_branches:
-                pred = predict_cond_uncond(model, x, t, context, mask, null_context, null_mask, parameterization,
-                                           coefs["sqrt_ab_t"], coefs["sqrt_1mab_t"])
+                pred = predict_cond_uncond(model, x, t, (context, mask), (null_context, null_mask), schedule,
+                                           parameterization)
             else:
                 t_in = torch.full((batch,), t, device=x.device, dtype=torch.long)
                 eps = model.denoise(x, t_in, context, mask).float()

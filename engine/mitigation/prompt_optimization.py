@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.diffusion.sampling import null_tokens_like
+from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_like
 from engine.diffusion.schedule import NoiseSchedule
-from engine.mitigation.token_significance import conditional_noise_norm
 
 WEN_TARGET_RMS = 3.0 / math.sqrt(4 * 64 * 64)
 
@@ -67,8 +66,8 @@ def optimize_prompt_embedding(model, tokens: torch.Tensor, noise: torch.Tensor, 
 
     def losses() -> torch.Tensor:
         ctx = rows(torch.stack(list(params)))
-        norm, _ = conditional_noise_norm(model, noise, t_first, ctx, mask_rows, null_rows, null_mask_rows,
-                                         schedule, parameterization)
+        norm, _, _ = conditional_noise_magnitude(model, noise, t_first, (ctx, mask_rows), (null_rows, null_mask_rows),
+                                                 schedule, parameterization)
         return norm.reshape(n_prompts, generations).mean(1)
 
     for _ in range(max_iterations + 1):

@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion.sampling import null_tokens_like, predict_cond_uncond, step_coefficients, timestep_sequence
+from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_like
+from engine.diffusion.sampling import step_coefficients, timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
 from kernels.guided_step import guided_step
 
@@ -41,20 +42,6 @@ class SignificanceResult:
         ids = self.tokens[prompt]
         real = [i for i in range(ids.numel()) if int(ids[i]) not in (PAD_ID, NULL_ID)]
         return sorted(real, key=lambda i: -float(self.scores[prompt, i]))
-
-
-def conditional_noise_norm(model, x: torch.Tensor, t: int, context: torch.Tensor, mask: torch.Tensor,
-                           null_context: torch.Tensor, null_mask: torch.Tensor, schedule: NoiseSchedule,
-                           parameterization: str = "eps") -> tuple[torch.Tensor, torch.Tensor]:
-    """(L [B] = ||eps_c - eps_u||_2 per sample, the [cond; uncond] eps prediction [2B, ...]).
-
-    Differentiable with respect to `context`; the uncond half is the null prompt.
-    """
-    ab = float(schedule.alphas_cumprod[t])
-    pred = predict_cond_uncond(model, x, t, context, mask, null_context, null_mask, parameterization,
-                               ab ** 0.5, (1 - ab) ** 0.5)
-    eps_c, eps_u = pred.chunk(2)
-    return torch.linalg.vector_norm((eps_c - eps_u).flatten(1), dim=1), pred
 
 
 def token_significance(model, tokens: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule, *,
@@ -96,8 +83,8 @@ def token_significance(model, tokens: torch.Tensor, noise: torch.Tensor, schedul
                 chunk_traj.append(x.detach().cpu())
             e = context.clone().requires_grad_(True)
             with torch.enable_grad():
-                norm, pred = conditional_noise_norm(model, x, t, e, mask, null_context, null_mask, schedule,
-                                                    parameterization)
+                norm, _, pred = conditional_noise_magnitude(model, x, t, (e, mask), (null_context, null_mask),
+                                                            schedule, parameterization)
                 (grad,) = torch.autograd.grad(norm.sum(), e)
             ss[r0:r0 + len(tok)] += grad.detach().double().pow(2).sum(-1).cpu()
             norms[i, r0:r0 + len(tok)] = norm.detach().double().cpu()

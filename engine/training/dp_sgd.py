@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.images import to_model_range
-from engine.diffusion.sampling import null_tokens_like
+from engine.diffusion.guidance import null_tokens_like
 from engine.diffusion.schedule import NoiseSchedule, loss_weights, per_sample_loss, q_sample, target_for
 from engine.training.privacy import ACCOUNTANTS, solve_noise_multiplier
 from kernels.dp_clip import PerSampleNormHooks, add_noise_and_scale_, clip_factors

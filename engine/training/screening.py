@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.diffusion.sampling import null_tokens_like
+from engine.diffusion.guidance import conditional_noise_magnitude, noise_magnitude, null_tokens_like
 from engine.diffusion.schedule import NoiseSchedule, eps_from_prediction, q_sample
 
 UNITS = ("raw", "rms")
@@ -50,24 +50,23 @@ class ScreenResult:
 
 
 @torch.no_grad()
-def conditional_noise_magnitude(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
-                                schedule: NoiseSchedule, parameterization: str = "eps",
-                                pred_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (raw [B], rms [B]) ||eps_cond - eps_uncond||_2 at each sample's own t.
+def screening_magnitude(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+                        schedule: NoiseSchedule, parameterization: str = "eps",
+                        pred_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (raw [B], rms [B]) ||eps_cond - eps_uncond||_2 at each sample's own t
+    (engine.diffusion.guidance's magnitude).
 
     `pred_cond`: the model's conditional output for (x_t, t, tokens) if already computed (it is
     detached here); then only the unconditional forward runs.
     """
-    null = null_tokens_like(tokens)
+    null = model.encode(null_tokens_like(tokens))
     if pred_cond is None:
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([tokens, null]))
-        pred_cond, pred_uncond = out.chunk(2)
-    else:
-        pred_uncond = model(x_t, t, null)
+        raw, rms, _ = conditional_noise_magnitude(model, x_t, t, model.encode(tokens), null, schedule,
+                                                  parameterization)
+        return raw, rms
     eps_c = eps_from_prediction(pred_cond.detach().float(), x_t.float(), t, schedule, parameterization)
-    eps_u = eps_from_prediction(pred_uncond.float(), x_t.float(), t, schedule, parameterization)
-    raw = (eps_c - eps_u).flatten(1).norm(dim=1)
-    return raw, raw / math.sqrt(x_t[0].numel())
+    eps_u = eps_from_prediction(model.denoise(x_t, t, *null).float(), x_t.float(), t, schedule, parameterization)
+    return noise_magnitude(eps_c, eps_u)
 
 
 def screen(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, cfg: ScreeningConfig,
@@ -75,7 +74,7 @@ def screen(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.T
            pred_cond: torch.Tensor | None = None) -> ScreenResult:
     """keep = L <= tau. The trainer multiplies the per-sample loss by `keep` (or indexes the batch)
     and skips the optimizer step when keep is all False."""
-    raw, rms = conditional_noise_magnitude(model, x_t, t, tokens, schedule, parameterization, pred_cond)
+    raw, rms = screening_magnitude(model, x_t, t, tokens, schedule, parameterization, pred_cond)
     mag = raw if cfg.units == "raw" else rms
     return ScreenResult(keep=mag <= cfg.tau, magnitude=mag)
 
@@ -135,7 +134,7 @@ def magnitude_profile(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tenso
             t = ts[i:i + batch_size, d].to(device)
             x = x0[i:i + batch_size].to(device)
             x_t = q_sample(x, t, noise[d, i:i + batch_size].to(device), schedule)
-            _, rms = conditional_noise_magnitude(model, x_t, t, tokens[i:i + batch_size].to(device), schedule,
+            _, rms = screening_magnitude(model, x_t, t, tokens[i:i + batch_size].to(device), schedule,
                                                  parameterization)
             out[i:i + batch_size, d] = rms.float().cpu()
     return ts, out
