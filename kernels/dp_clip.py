@@ -121,9 +121,14 @@ if triton is not None:
 
 
 def direct_tiles(dtype: torch.dtype) -> dict:
-    """The tile (constexprs) and warps the dispatch launches the direct kernel with, per input dtype:
-    float32 runs an exact FMA dot (IEEE), bf16/fp16 tiles go through tf32 tensor cores."""
-    return dict(IEEE=dtype == torch.float32, BLOCK_T=32, BLOCK_P=64, BLOCK_Q=64, num_warps=4)
+    """The tile (constexprs) and warps the dispatch launches the direct kernel with, per input dtype.
+    float32 runs an exact FMA dot: at BLOCK_T = 32 over 4 warps ptxas used all 255 registers on
+    sm_80 and spilled, so it takes K tiles of 16 over 8 warps (<= 128 registers, no spills; see
+    bench/RESULTS.md). An FMA dot accumulates over t in order whatever the tile, so results are
+    unchanged. bf16/fp16 tiles go through tf32 tensor cores at 32 x 64 x 64 over 4 warps."""
+    if dtype == torch.float32:
+        return dict(IEEE=True, BLOCK_T=16, BLOCK_P=64, BLOCK_Q=64, num_warps=8)
+    return dict(IEEE=False, BLOCK_T=32, BLOCK_P=64, BLOCK_Q=64, num_warps=4)
 
 
 def _direct_launch(a: torch.Tensor, b: torch.Tensor, tiles: dict | None = None) -> tuple[Launch, torch.Tensor]:
@@ -439,7 +444,7 @@ if triton is not None:
 
 
 NOISE_BLOCK = 1024
-NOISE_NUM_WARPS = 4
+NOISE_NUM_WARPS = 8     # 4 elements per thread: with 4 warps (8 per thread) ptxas spilled on sm_80
 
 
 def _noise_scale_launch(g: torch.Tensor, offset: int, seed: int, std: float, scale: float) -> Launch:
