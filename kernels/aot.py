@@ -51,6 +51,7 @@ class Arch:
     max_shared_bytes: int       # dynamic + static shared memory per block (opt-in maximum)
     max_regs_per_block: int
     max_regs_per_thread: int
+    reg_alloc_unit: int = 256   # registers are allocated per warp in units of this many
 
 
 ARCHS = {80: Arch("A100 (sm_80)", 163 * 1024, 65536, 255),
@@ -237,8 +238,10 @@ def limit_violations(rec: dict) -> list[str]:
     shared = rec["static_shared"] + rec["dynamic_shared"]
     if shared > arch.max_shared_bytes:
         problems.append(f"shared memory {shared} B > {arch.max_shared_bytes} B on {arch.name}")
-    if rec["registers"] * 32 * rec["num_warps"] > arch.max_regs_per_block:
-        problems.append(f"{rec['registers']} registers x {32 * rec['num_warps']} threads > {arch.max_regs_per_block}")
+    per_warp = -(-rec["registers"] * 32 // arch.reg_alloc_unit) * arch.reg_alloc_unit
+    if per_warp * rec["num_warps"] > arch.max_regs_per_block:
+        problems.append(f"{rec['registers']} registers x {rec['num_warps']} warps ({per_warp} per warp) "
+                        f"> {arch.max_regs_per_block} registers per block")
     return problems
 
 

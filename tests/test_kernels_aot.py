@@ -62,6 +62,7 @@ def test_limit_check_flags_spills_shared_memory_and_registers():
     assert "spills" in aot.limit_violations(_limits_record(local=8))[0]
     assert "shared memory" in aot.limit_violations(_limits_record(dynamic_shared=163 * 1024 + 1))[0]
     assert aot.limit_violations(_limits_record(arch=90, dynamic_shared=163 * 1024 + 1)) == []
+    assert aot.limit_violations(_limits_record(registers=255, num_warps=8)) == []     # 8192 per warp x 8
     assert "registers" in aot.limit_violations(_limits_record(registers=255, num_warps=16))[0]
 
 
