@@ -7,16 +7,7 @@ file finishes in reasonable time; torch.compile of the Philox reference is skipp
 inductor build takes minutes on 2 cores). Every case records device, shape, modelled bytes moved
 and effective GB/s in benchmark.extra_info.
 
-Bytes model (fp32, N = B*C*H*W elements, 4 bytes each; one "pass" = one full-tensor read or write):
-  noising + eps loss, fwd + bwd
-    eager   randn W1 | q_sample: 2 muls R2 W2, add R2 W1 | loss: sub R2 W1, pow R1 W1, mean R1 |
-            backward: 2*pred-target R1 W1, * grad R1 W1                         = 18 passes = 72 N bytes
-    fused   noised_input R1 W1 | loss fwd: pred R1, grad W1 | bwd: R1 W1          =  6 passes = 24 N bytes
-    (v target: eager +7 passes for sqrt_ab*eps - sqrt_1mab*x0, fused +1 for the x0 read in the loss)
-  guided step (DDIM, clip_x0, sigma=0; eps_c/eps_u/x_t are N each)
-    eager   diff R2 W1, norm R1, eps R2 W1 (+ scale R1 W1), x0 R2 W1 (+ div R1 W1), clamp R1 W1,
-            eps' R2 W1 (+ div R1 W1), x_prev R2 W1 (+ R1 W1)                    ~ 28 passes = 112 N bytes
-    fused   R3 W1                                                                 =  4 passes = 16 N bytes
+Bytes moved per case: bench/bytes_model.py (the model bench/RESULTS.md quotes).
 """
 import math
 import os
@@ -24,6 +15,8 @@ import os
 import pytest
 import torch
 
+from bytes_model import (direct_norm_bytes, guided_step_bytes, noise_step_bytes,
+                         noising_loss_step_bytes)
 from kernels import dp_clip, guided_step, noising
 
 CUDA = torch.cuda.is_available()
@@ -86,17 +79,17 @@ def test_noising_and_loss(benchmark, impl, size):
     x0, sab, s1mab, pred = _noising_inputs(size)
     n = x0.numel()
     if impl == "eager":
-        fn, nbytes = (lambda: _eager_train_noise_loss(x0, sab, s1mab, pred)), 72 * n
+        fn, nbytes = (lambda: _eager_train_noise_loss(x0, sab, s1mab, pred)), noising_loss_step_bytes(n, "eager")
     elif impl == "reference":
         fn, nbytes = (lambda: _kernel_train_noise_loss(x0, sab, s1mab, pred, noising.noised_input_reference,
-                                                       noising.noise_prediction_loss_reference)), 24 * n
+                                                       noising.noise_prediction_loss_reference)), noising_loss_step_bytes(n, "fused")
     elif impl == "compiled_reference":
         noised_c = torch.compile(noising.noised_input_reference)
         loss_c = torch.compile(noising.noise_prediction_loss_reference)
-        fn, nbytes = (lambda: _kernel_train_noise_loss(x0, sab, s1mab, pred, noised_c, loss_c)), 24 * n
+        fn, nbytes = (lambda: _kernel_train_noise_loss(x0, sab, s1mab, pred, noised_c, loss_c)), noising_loss_step_bytes(n, "fused")
     else:
         fn, nbytes = (lambda: _kernel_train_noise_loss(x0, sab, s1mab, pred, noising.noised_input_triton,
-                                                       noising.noise_prediction_loss_triton)), 24 * n
+                                                       noising.noise_prediction_loss_triton)), noising_loss_step_bytes(n, "fused")
     _run(benchmark, fn, nbytes, impl, tuple(x0.shape), rounds=5 if CUDA else 2)
 
 
@@ -116,7 +109,7 @@ def test_guided_step(benchmark, impl, size):
     fn = {"reference": guided_step.guided_step_reference,
           "compiled_reference": torch.compile(guided_step.guided_step_reference),
           "triton": getattr(guided_step, "guided_step_triton")}[impl]
-    nbytes = (112 if impl != "triton" else 16) * x_t.numel()
+    nbytes = guided_step_bytes(x_t.numel(), "fused" if impl == "triton" else "eager")
     _run(benchmark, lambda: fn(pred, x_t, None, **COEFS), nbytes, impl, tuple(x_t.shape),
          rounds=10 if CUDA else 3)
 
@@ -145,7 +138,7 @@ def test_dp_norms(benchmark, impl, layer):
           "direct_reference": lambda: dp_clip.direct_sq_norms_reference(a, b),
           "compiled_direct_reference": torch.compile(lambda: dp_clip.direct_sq_norms_reference(a, b)),
           "direct_triton": lambda: dp_clip.direct_sq_norms_triton(a, b)}[impl]
-    nbytes = 4 * DP_BATCH * t * (p + q)        # A and B read once; the ideal for every method
+    nbytes = direct_norm_bytes(DP_BATCH, t, p, q, "ideal")        # the ideal for every method
     benchmark.extra_info["chosen_by_cost_model"] = dp_clip.choose_method(t, p, q)
     _run(benchmark, fn, nbytes, impl, (DP_BATCH, t, p, q), rounds=5 if CUDA else 2)
 
@@ -157,4 +150,4 @@ def test_dp_noise_step(benchmark, impl):
     grads = [torch.zeros(s, device=DEVICE) for s in sizes]
     fn = (dp_clip.add_noise_and_scale_reference_ if impl == "reference" else dp_clip.add_noise_and_scale_)
     n = sum(sizes)
-    _run(benchmark, lambda: fn(grads, 1.0, 1.0, 256.0, 7), 8 * n, impl, (n,), rounds=3)
+    _run(benchmark, lambda: fn(grads, 1.0, 1.0, 256.0, 7), noise_step_bytes(n, "fused"), impl, (n,), rounds=3)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.backend import use_triton
+from kernels.backend import INT32_MAX, TRITON_DTYPES, Launch, use_triton
 from kernels.philox import randn_like_triton
 
 try:
@@ -84,12 +84,16 @@ def ghost_sq_norms_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- triton
 
 if triton is not None:
+    # Sizes and batch strides are typed (never a compile-time constant, width independent of the
+    # value); the four in-sample strides are left to Triton's specialisation, which turns a stride
+    # of 1 into a constant so that loads along that axis are contiguous (STRIDE_PATTERNS).
     @triton.jit
-    def _direct_sq_norm_kernel(a_ptr, b_ptr, partial_ptr, T, P, Q,
-                               sa_b, sa_t, sa_p, sb_b, sb_t, sb_q, n_tiles_q,
+    def _direct_sq_norm_kernel(a_ptr, b_ptr, partial_ptr, T: tl.int32, P: tl.int32, Q: tl.int32,
+                               sa_b: tl.int64, sa_t, sa_p, sb_b: tl.int64, sb_t, sb_q, n_tiles_q: tl.int32,
                                IEEE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
                                BLOCK_Q: tl.constexpr):
-        """One [BLOCK_P, BLOCK_Q] tile of A_i^T B_i, accumulated over T, squared and summed."""
+        """One [BLOCK_P, BLOCK_Q] tile of A_i^T B_i, accumulated over T, squared and summed.
+        In-sample offsets are int32: the launch code refuses a sample whose span does not fit."""
         i = tl.program_id(0)
         pid_p = tl.program_id(1)
         pid_q = tl.program_id(2)
@@ -116,21 +120,74 @@ if triton is not None:
         tl.store(partial_ptr + i * (tl.num_programs(1) * n_tiles_q) + pid_p * n_tiles_q + pid_q, sq)
 
 
-def direct_sq_norms_triton(a: torch.Tensor, b: torch.Tensor, block_t: int = 32, block_p: int = 64,
-                           block_q: int = 64) -> torch.Tensor:
-    """Same as direct_sq_norms_reference; any strides (so unfold()^T views need no copy)."""
-    if triton is None:
-        raise RuntimeError("direct_sq_norms_triton: triton is not installed")
+def direct_tiles(dtype: torch.dtype) -> dict:
+    """The tile (constexprs) and warps the dispatch launches the direct kernel with, per input dtype.
+    float32 runs an exact FMA dot: at BLOCK_T = 32 over 4 warps ptxas used all 255 registers on
+    sm_80 and spilled, so it takes K tiles of 16 over 8 warps (<= 128 registers, no spills; see
+    bench/RESULTS.md). An FMA dot accumulates over t in order whatever the tile, so results are
+    unchanged. bf16/fp16 tiles go through tf32 tensor cores at 32 x 64 x 64 over 4 warps."""
+    if dtype == torch.float32:
+        return dict(IEEE=True, BLOCK_T=16, BLOCK_P=64, BLOCK_Q=64, num_warps=8)
+    return dict(IEEE=False, BLOCK_T=32, BLOCK_P=64, BLOCK_Q=64, num_warps=4)
+
+
+def _direct_launch(a: torch.Tensor, b: torch.Tensor, tiles: dict | None = None) -> tuple[Launch, torch.Tensor]:
+    """The launch direct_sq_norms_triton makes and its partial sums [B, n_tiles]."""
+    constexprs = dict(tiles or direct_tiles(a.dtype))
+    num_warps = constexprs.pop("num_warps")
     if a.dtype != b.dtype:
         b = b.to(a.dtype)
     bsz, t, p = a.shape
     q = b.shape[2]
-    n_p, n_q = triton.cdiv(p, block_p), triton.cdiv(q, block_q)
+    bt, bp, bq = constexprs["BLOCK_T"], constexprs["BLOCK_P"], constexprs["BLOCK_Q"]
+    n_p, n_q = triton.cdiv(p, bp), triton.cdiv(q, bq)
+    # every in-sample offset the kernel forms (padded tiles included) must fit in int32
+    span_a = (n_p * bp - 1) * a.stride(2) + (triton.cdiv(t, bt) * bt - 1) * a.stride(1)
+    span_b = (n_q * bq - 1) * b.stride(2) + (triton.cdiv(t, bt) * bt - 1) * b.stride(1)
+    if max(span_a, span_b, bsz * n_p * n_q, t, p, q) > INT32_MAX:
+        raise ValueError(f"direct_sq_norms_triton: a [{bsz}, {t}, {p}] strides {a.stride()}, b [{bsz}, {t}, {q}] "
+                         f"strides {b.stride()}: in-sample offsets exceed the kernel's int32 range")
     partial = _alloc((bsz, n_p * n_q), torch.float32, a.device)
-    _direct_sq_norm_kernel[(bsz, n_p, n_q)](
-        a, b, partial, t, p, q, a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        n_q, IEEE=a.dtype == torch.float32, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_Q=block_q)
+    launch = Launch(_direct_sq_norm_kernel, (bsz, n_p, n_q),
+                    (a, b, partial, t, p, q, a.stride(0), a.stride(1), a.stride(2),
+                     b.stride(0), b.stride(1), b.stride(2), n_q),
+                    constexprs, num_warps)
+    return launch, partial
+
+
+def direct_sq_norms_triton(a: torch.Tensor, b: torch.Tensor, block_t: int | None = None,
+                           block_p: int | None = None, block_q: int | None = None) -> torch.Tensor:
+    """Same as direct_sq_norms_reference; any strides (so unfold()^T views need no copy). Explicit
+    tile sizes are for interpreter tests only; the dispatch always uses direct_tiles(a.dtype)."""
+    if triton is None:
+        raise RuntimeError("direct_sq_norms_triton: triton is not installed")
+    tiles = None
+    if (block_t, block_p, block_q) != (None, None, None):
+        tiles = dict(direct_tiles(a.dtype), BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_Q=block_q)
+    launch, partial = _direct_launch(a, b, tiles)
+    launch.run()
     return partial.sum(dim=1)
+
+
+# Which of the in-sample strides (a: t, p; b: t, q) equal 1. Each pattern is its own compiled
+# variant; all 16 can reach the kernel (unfold()^T views: a's t stride; contiguous Linear inputs:
+# a's p stride; NCHW / channels_last output gradients: b's t / q stride; both at size-1 axes).
+STRIDE_PATTERNS = tuple((at, ap, bt, bq) for at in (False, True) for ap in (False, True)
+                        for bt in (False, True) for bq in (False, True))
+
+
+def _direct_launch_space() -> list[Launch]:
+    bsz, t, p, q = 4, 256, 96, 80
+    launches = []
+    for dtype in TRITON_DTYPES:
+        for unit_at, unit_ap, unit_bt, unit_bq in STRIDE_PATTERNS:
+            # non-unit strides: multiples of 16 apart from the unit ones (their value does not matter)
+            sa = (t * p * 16, 1 if unit_at else p * 16, 1 if unit_ap else 16)
+            sb = (t * q * 16, 1 if unit_bt else q * 16, 1 if unit_bq else 16)
+            a = torch.empty_strided((bsz, t, p), sa, dtype=dtype, device="meta")
+            b = torch.empty_strided((bsz, t, q), sb, dtype=dtype, device="meta")
+            launches.append(_direct_launch(a, b)[0])
+    return launches
 
 
 # ----------------------------------------------------------------------------- per-layer rules
@@ -165,7 +222,7 @@ def linear_weight_sq_norms(a: torch.Tensor, b: torch.Tensor, method: str = "auto
     if method == "direct":
         if k > 1:
             return grouped_direct_sq_norms_reference(a.to(cdt), b.to(cdt), k)
-        if triton is not None and a.dtype != torch.float64 and use_triton(a, b):
+        if triton is not None and a.dtype in TRITON_DTYPES and use_triton(a, b):
             return direct_sq_norms_triton(a, b)
         return direct_sq_norms_reference(a.to(cdt), b.to(cdt))
     # Gram identity over all of a sample's positions, its K rows' included
@@ -375,13 +432,33 @@ def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
 
 
 if triton is not None:
-    @triton.jit
-    def _noise_scale_kernel(g_ptr, n, base_offset, seed, std, scale, BLOCK: tl.constexpr):
+    # typed integers: one compiled variant per dtype, whatever the sizes, offsets and seed
+    @triton.jit(do_not_specialize=["base_offset", "seed"])
+    def _noise_scale_kernel(g_ptr, n: tl.int64, base_offset: tl.int64, seed: tl.int64, std, scale,
+                            BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
         g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
         z = tl.randn(seed, base_offset + i)
         tl.store(g_ptr + i, ((g + std * z) * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+NOISE_BLOCK = 1024
+NOISE_NUM_WARPS = 8     # 4 elements per thread: with 4 warps (8 per thread) ptxas spilled on sm_80
+
+
+def _noise_scale_launch(g: torch.Tensor, offset: int, seed: int, std: float, scale: float) -> Launch:
+    """The launch add_noise_and_scale_ makes for one (contiguous) gradient tensor, in place."""
+    return Launch(_noise_scale_kernel, (triton.cdiv(g.numel(), NOISE_BLOCK),),
+                  (g, g.numel(), offset, int(seed), std, scale), dict(BLOCK=NOISE_BLOCK), NOISE_NUM_WARPS)
+
+
+def launch_space() -> list[Launch]:
+    """Every launch the dispatch can make: the direct norm kernel for each dtype and stride pattern,
+    the noise kernel for each dtype; built by the launch code on meta tensors (kernels.aot compiles them)."""
+    noise = [_noise_scale_launch(torch.empty(1 << 20, dtype=dtype, device="meta"), 2**33, 2**40, 1.0, 1 / 256)
+             for dtype in TRITON_DTYPES]
+    return _direct_launch_space() + noise
 
 
 def _noise_offsets(grads: list[torch.Tensor]) -> list[int]:
@@ -412,10 +489,9 @@ def add_noise_and_scale_(grads: Iterable[torch.Tensor], noise_multiplier: float,
             raise ValueError("add_noise_and_scale_: gradients must be contiguous")
     std, scale = float(noise_multiplier) * float(clip_norm), 1.0 / float(expected_batch_size)
     offsets = _noise_offsets(grads)
-    if triton is not None and all(g.dtype != torch.float64 for g in grads) and use_triton(*grads):
-        block = 1024
+    if triton is not None and all(g.dtype in TRITON_DTYPES for g in grads) and use_triton(*grads):
         for g, off in zip(grads, offsets):
-            _noise_scale_kernel[(triton.cdiv(g.numel(), block),)](g, g.numel(), off, int(seed), std, scale, BLOCK=block)
+            _noise_scale_launch(g, off, seed, std, scale).run()
         return
     add_noise_and_scale_reference_(grads, noise_multiplier, clip_norm, expected_batch_size, seed)
 

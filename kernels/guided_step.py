@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from kernels.backend import use_triton
+from kernels.backend import (TRITON_DTYPES, Launch, as_secondary, check_blocks_per_sample, secondary_dtypes,
+                             use_triton)
 
 try:
     import triton
@@ -75,10 +76,14 @@ def guided_step_reference(pred: torch.Tensor, x_t: torch.Tensor, noise: torch.Te
     return x_prev.to(x_t.dtype), norm_raw, norm_raw / math.sqrt(n)
 
 
+BLOCK = 1024     # elements per program: the block size the dispatch uses
+
 if triton is not None:
+    # Typed integers: no value turns into a compile-time constant and no width depends on the value,
+    # so the compiled variants are exactly those launch_space() lists.
     @triton.jit
     def _guided_step_kernel(pred_ptr, xt_ptr, noise_ptr, out_ptr, partial_ptr,
-                            n_per_sample, cond_to_uncond, n_blocks,
+                            n_per_sample: tl.int32, cond_to_uncond: tl.int64, n_blocks: tl.int32,
                             guidance, sqrt_ab_t, sqrt_1mab_t, sqrt_ab_prev, sqrt_1mab_prev_dir, sigma,
                             HAS_NOISE: tl.constexpr, CLIP_X0: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
@@ -105,32 +110,62 @@ if triton is not None:
         tl.store(partial_ptr + b * n_blocks + blk, tl.sum(d * d, axis=0))
 
 
-def guided_step_triton(pred: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None = None, *,
-                       guidance: float, sqrt_ab_t: float, sqrt_1mab_t: float, sqrt_ab_prev: float,
-                       sqrt_1mab_prev_dir: float, sigma: float = 0.0, clip_x0: bool = True,
-                       block: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused step: computes in fp32 (fp64 inputs are not supported by the kernel)."""
-    if triton is None:
-        raise RuntimeError("guided_step_triton: triton is not installed")
-    _check(pred, x_t, noise, sigma)
-    if x_t.dtype == torch.float64:
-        raise ValueError("guided_step_triton: float64 is reference-only")
-    pred = pred.contiguous()
+def _guided_step_launch(pred, x_t, noise, *, guidance, sqrt_ab_t, sqrt_1mab_t, sqrt_ab_prev, sqrt_1mab_prev_dir,
+                        sigma, clip_x0, block=BLOCK) -> tuple[Launch, torch.Tensor, torch.Tensor]:
+    """The launch guided_step_triton makes, its output and its norm partial sums [B, n_blocks]."""
     x_t = x_t.contiguous()
+    pred = as_secondary(pred, x_t.dtype)
     has_noise = sigma != 0.0
-    noise_arg = noise.contiguous() if has_noise else x_t   # dummy pointer, never read
+    noise_arg = as_secondary(noise, x_t.dtype) if has_noise else x_t   # dummy pointer, never read
     bsz = x_t.shape[0]
     n = x_t[0].numel()
+    check_blocks_per_sample("guided_step", n, block)
     n_blocks = triton.cdiv(n, block)
     out = _alloc(x_t.shape, x_t.dtype, x_t.device)
     partial = _alloc((bsz, n_blocks), torch.float32, x_t.device)
-    _guided_step_kernel[(bsz, n_blocks)](
-        pred, x_t, noise_arg, out, partial, n, bsz * n, n_blocks,
-        float(guidance), float(sqrt_ab_t), float(sqrt_1mab_t), float(sqrt_ab_prev),
-        float(sqrt_1mab_prev_dir), float(sigma),
-        HAS_NOISE=has_noise, CLIP_X0=bool(clip_x0), BLOCK=block)
+    launch = Launch(_guided_step_kernel, (bsz, n_blocks),
+                    (pred, x_t, noise_arg, out, partial, n, bsz * n, n_blocks,
+                     float(guidance), float(sqrt_ab_t), float(sqrt_1mab_t), float(sqrt_ab_prev),
+                     float(sqrt_1mab_prev_dir), float(sigma)),
+                    dict(HAS_NOISE=has_noise, CLIP_X0=bool(clip_x0), BLOCK=block))
+    return launch, out, partial
+
+
+def guided_step_triton(pred: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None = None, *,
+                       guidance: float, sqrt_ab_t: float, sqrt_1mab_t: float, sqrt_ab_prev: float,
+                       sqrt_1mab_prev_dir: float, sigma: float = 0.0, clip_x0: bool = True,
+                       block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused step: computes in fp32 (fp64 inputs are not supported by the kernel). `block` other than
+    BLOCK is for interpreter tests only; the dispatch never passes one."""
+    if triton is None:
+        raise RuntimeError("guided_step_triton: triton is not installed")
+    _check(pred, x_t, noise, sigma)
+    if x_t.dtype not in TRITON_DTYPES:
+        raise ValueError(f"guided_step_triton: {x_t.dtype} is reference-only (kernel dtypes: {TRITON_DTYPES})")
+    launch, out, partial = _guided_step_launch(
+        pred, x_t, noise, guidance=guidance, sqrt_ab_t=sqrt_ab_t, sqrt_1mab_t=sqrt_1mab_t, sqrt_ab_prev=sqrt_ab_prev,
+        sqrt_1mab_prev_dir=sqrt_1mab_prev_dir, sigma=sigma, clip_x0=clip_x0, block=block)
+    launch.run()
     norm_raw = partial.sum(dim=1).sqrt()
-    return out, norm_raw, norm_raw / math.sqrt(n)
+    return out, norm_raw, norm_raw / math.sqrt(x_t[0].numel())
+
+
+def launch_space() -> list[Launch]:
+    """Every launch the dispatch can make (x_t dtype x pred/noise dtypes x options), built by the
+    launch code above on meta tensors; kernels.aot compiles each for real GPUs."""
+    coefs = dict(guidance=7.5, sqrt_ab_t=0.3, sqrt_1mab_t=0.95, sqrt_ab_prev=0.35, sqrt_1mab_prev_dir=0.9)
+    bsz, shape = 4, (1, 64, 64)
+    launches = []
+    for dtype in TRITON_DTYPES:
+        x_t = torch.empty(bsz, *shape, dtype=dtype, device="meta")
+        for pred_dtype in secondary_dtypes(dtype):
+            pred = torch.empty(2 * bsz, *shape, dtype=pred_dtype, device="meta")
+            for noise_dtype in (None, *secondary_dtypes(dtype)):
+                noise = None if noise_dtype is None else torch.empty_like(x_t, dtype=noise_dtype)
+                for clip_x0 in (False, True):
+                    launches.append(_guided_step_launch(pred, x_t, noise, sigma=0.0 if noise is None else 0.1,
+                                                        clip_x0=clip_x0, **coefs)[0])
+    return launches
 
 
 def guided_step(pred: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | None = None, *,
@@ -144,6 +179,6 @@ def guided_step(pred: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor | Non
     """
     kwargs = dict(guidance=guidance, sqrt_ab_t=sqrt_ab_t, sqrt_1mab_t=sqrt_1mab_t, sqrt_ab_prev=sqrt_ab_prev,
                   sqrt_1mab_prev_dir=sqrt_1mab_prev_dir, sigma=sigma, clip_x0=clip_x0)
-    if triton is not None and x_t.dtype != torch.float64 and use_triton(pred, x_t, noise):
+    if triton is not None and x_t.dtype in TRITON_DTYPES and use_triton(pred, x_t, noise):
         return guided_step_triton(pred, x_t, noise, **kwargs)
     return guided_step_reference(pred, x_t, noise, **kwargs)

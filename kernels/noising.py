@@ -23,7 +23,8 @@ and CUDA training see the same noise up to float rounding of log/cos.
 """
 import torch
 
-from kernels.backend import use_triton
+from kernels.backend import (TRITON_DTYPES, Launch, as_secondary, check_blocks_per_sample, secondary_dtypes,
+                             use_triton)
 from kernels.philox import randn_for_shape
 
 try:
@@ -38,7 +39,7 @@ def _alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 PARAMETERIZATIONS = ("eps", "v")
-_BLOCK = 1024
+BLOCK = 1024     # elements per program: the only block size the launchers use
 
 
 def _check(x0: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor, seed: int,
@@ -113,9 +114,13 @@ def _loss_and_grad_torch(pred, x0, sqrt_ab, sqrt_1mab, seed, weights, parameteri
 
 # ----------------------------------------------------------------------------- triton
 
+# Integer arguments carry explicit types: the seed and the per-sample size never turn into
+# compile-time constants (Triton would otherwise specialise a 1 into one) and their width does not
+# depend on their value, so the compiled variants are exactly those launch_space() lists.
 if triton is not None:
-    @triton.jit
-    def _noised_input_kernel(x0_ptr, sab_ptr, s1mab_ptr, out_ptr, seed, n_per_sample, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["seed"])
+    def _noised_input_kernel(x0_ptr, sab_ptr, s1mab_ptr, out_ptr, seed: tl.int64, n_per_sample: tl.int32,
+                             BLOCK: tl.constexpr):
         b = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_per_sample
@@ -126,9 +131,9 @@ if triton is not None:
         s1mab = tl.load(s1mab_ptr + b).to(tl.float32)
         tl.store(out_ptr + offs, (sab * x0 + s1mab * eps).to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _loss_kernel(pred_ptr, x0_ptr, sab_ptr, s1mab_ptr, w_ptr, grad_ptr, partial_ptr,
-                     seed, n_per_sample, n_blocks, inv_n,
+                     seed: tl.int64, n_per_sample: tl.int32, n_blocks: tl.int32, inv_n,
                      HAS_WEIGHTS: tl.constexpr, V_PRED: tl.constexpr, STORE_GRAD: tl.constexpr,
                      BLOCK: tl.constexpr):
         b = tl.program_id(0)
@@ -155,29 +160,73 @@ if triton is not None:
             tl.store(grad_ptr + offs, (diff * (2.0 * w * inv_n)).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def noised_input_triton(x0: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor, seed: int) -> torch.Tensor:
-    _check(x0, sqrt_ab, sqrt_1mab, seed)
+def _coefficients(v: torch.Tensor) -> torch.Tensor:
+    # [B] schedule coefficients and weights go in as float32 (the kernels read them as float32 anyway)
+    return v.to(torch.float32).contiguous()
+
+
+def _noised_input_launch(x0, sqrt_ab, sqrt_1mab, seed) -> tuple[Launch, torch.Tensor]:
+    """The launch noised_input_triton makes, and its output buffer."""
     x0 = x0.contiguous()
     n = x0[0].numel()
+    check_blocks_per_sample("noised_input", n, BLOCK)
     out = _alloc(x0.shape, x0.dtype, x0.device)
-    _noised_input_kernel[(x0.shape[0], triton.cdiv(n, _BLOCK))](
-        x0, sqrt_ab.contiguous(), sqrt_1mab.contiguous(), out, int(seed), n, BLOCK=_BLOCK)
+    launch = Launch(_noised_input_kernel, (x0.shape[0], triton.cdiv(n, BLOCK)),
+                    (x0, _coefficients(sqrt_ab), _coefficients(sqrt_1mab), out, int(seed), n), dict(BLOCK=BLOCK))
+    return launch, out
+
+
+def noised_input_triton(x0: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor, seed: int) -> torch.Tensor:
+    _check(x0, sqrt_ab, sqrt_1mab, seed)
+    launch, out = _noised_input_launch(x0, sqrt_ab, sqrt_1mab, seed)
+    launch.run()
     return out
 
 
-def _loss_and_grad_triton(pred, x0, sqrt_ab, sqrt_1mab, seed, weights, parameterization, need_grad):
+def _loss_launch(pred, x0, sqrt_ab, sqrt_1mab, seed, weights, parameterization, need_grad):
+    """The launch of the fused loss, its per-block partial sums [B, n_blocks] and gradient buffer (or None)."""
     pred = pred.detach().contiguous()
-    x0 = x0.contiguous()
+    v_pred = parameterization == "v"
+    x0 = as_secondary(x0, pred.dtype) if v_pred else pred          # x0 is read for the v target only
     bsz, n = pred.shape[0], pred[0].numel()
-    n_blocks = triton.cdiv(n, _BLOCK)
+    check_blocks_per_sample("noise_prediction_loss", n, BLOCK)
+    n_blocks = triton.cdiv(n, BLOCK)
     partial = _alloc((bsz, n_blocks), torch.float32, pred.device)
-    grad = _alloc(pred.shape, pred.dtype, pred.device) if need_grad else partial        # dummy pointer when not stored
-    _loss_kernel[(bsz, n_blocks)](
-        pred, x0, sqrt_ab.contiguous(), sqrt_1mab.contiguous(),
-        weights.contiguous() if weights is not None else partial, grad, partial,
-        int(seed), n, n_blocks, 1.0 / n,
-        HAS_WEIGHTS=weights is not None, V_PRED=parameterization == "v", STORE_GRAD=need_grad, BLOCK=_BLOCK)
-    return partial.sum(dim=1), grad if need_grad else None
+    grad = _alloc(pred.shape, pred.dtype, pred.device) if need_grad else None
+    launch = Launch(_loss_kernel, (bsz, n_blocks),
+                    (pred, x0, _coefficients(sqrt_ab), _coefficients(sqrt_1mab),
+                     _coefficients(weights) if weights is not None else partial,   # dummy pointers: never read
+                     grad if need_grad else partial, partial,
+                     int(seed), n, n_blocks, 1.0 / n),
+                    dict(HAS_WEIGHTS=weights is not None, V_PRED=v_pred, STORE_GRAD=need_grad, BLOCK=BLOCK))
+    return launch, partial, grad
+
+
+def _loss_and_grad_triton(pred, x0, sqrt_ab, sqrt_1mab, seed, weights, parameterization, need_grad):
+    launch, partial, grad = _loss_launch(pred, x0, sqrt_ab, sqrt_1mab, seed, weights, parameterization, need_grad)
+    launch.run()
+    return partial.sum(dim=1), grad
+
+
+def launch_space() -> list[Launch]:
+    """Every launch the dispatch can make (dtypes x options), built by the launch code above on meta
+    tensors; kernels.aot compiles each for real GPUs. Sizes are placeholders: types, not values, matter."""
+    meta = dict(device="meta")
+    bsz, shape = 4, (1, 64, 64)
+    launches = []
+    for dtype in TRITON_DTYPES:
+        x0 = torch.empty(bsz, *shape, dtype=dtype, **meta)
+        coef = torch.empty(bsz, dtype=torch.float32, **meta)
+        launches.append(_noised_input_launch(x0, coef, coef, 2**40)[0])
+        for x0_dtype in secondary_dtypes(dtype):
+            for parameterization in PARAMETERIZATIONS:
+                if parameterization != "v" and x0_dtype != dtype:
+                    continue                                   # x0 is not passed for eps
+                for weights in (None, coef):
+                    for need_grad in (False, True):
+                        launches.append(_loss_launch(x0, x0.to(x0_dtype), coef, coef, 2**40, weights,
+                                                     parameterization, need_grad)[0])
+    return launches
 
 
 class _NoisePredictionLoss(torch.autograd.Function):
@@ -221,7 +270,7 @@ def noise_prediction_loss_triton(pred, x0, sqrt_ab, sqrt_1mab, seed, weights=Non
 
 def noised_input(x0: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_1mab: torch.Tensor, seed: int) -> torch.Tensor:
     """x_t = sqrt_ab[b] * x0 + sqrt_1mab[b] * eps(seed, flat index); same dtype/shape as x0."""
-    if triton is not None and x0.dtype != torch.float64 and use_triton(x0, sqrt_ab, sqrt_1mab):
+    if triton is not None and x0.dtype in TRITON_DTYPES and use_triton(x0, sqrt_ab, sqrt_1mab):
         return noised_input_triton(x0, sqrt_ab, sqrt_1mab, seed)
     return noised_input_reference(x0, sqrt_ab, sqrt_1mab, seed)
 
@@ -231,6 +280,6 @@ def noise_prediction_loss(pred: torch.Tensor, x0: torch.Tensor, sqrt_ab: torch.T
                           ) -> torch.Tensor:
     """Per-sample loss [B] (fp32) = weights[b] * mean((pred - target)^2), target from the same eps as
     `noised_input(x0, ..., seed)`. Differentiable in pred only (weights are treated as constants)."""
-    if triton is not None and pred.dtype != torch.float64 and use_triton(pred, x0, sqrt_ab, sqrt_1mab, weights):
+    if triton is not None and pred.dtype in TRITON_DTYPES and use_triton(pred, x0, sqrt_ab, sqrt_1mab, weights):
         return noise_prediction_loss_triton(pred, x0, sqrt_ab, sqrt_1mab, seed, weights, parameterization)
     return noise_prediction_loss_reference(pred, x0, sqrt_ab, sqrt_1mab, seed, weights, parameterization)
