@@ -14,9 +14,8 @@ import os
 
 import pytest
 import torch
+from bytes_model import direct_norm_bytes, guided_step_bytes, noise_step_bytes, noising_loss_step_bytes
 
-from bytes_model import (direct_norm_bytes, guided_step_bytes, noise_step_bytes,
-                         noising_loss_step_bytes)
 from kernels import dp_clip, guided_step, noising
 
 CUDA = torch.cuda.is_available()

@@ -27,9 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bytes_model import (  # noqa: E402
+    direct_norm_bytes,
+    direct_norm_flops,
+    guided_step_bytes,
+    loss_bytes,
+    loss_kernel_bytes,
+    noise_step_bytes,
+    noising_bytes,
+)
 
-from bytes_model import (FP32, direct_norm_bytes, direct_norm_flops, guided_step_bytes,  # noqa: E402
-                         loss_bytes, loss_kernel_bytes, noise_step_bytes, noising_bytes)
 from kernels import aot  # noqa: E402
 from kernels.dp_clip import choose_method, direct_tiles  # noqa: E402
 
@@ -58,7 +65,7 @@ def read_config(name: str) -> dict:
 def unet_layer_shapes(model_cfg: dict, batch: int) -> tuple[list[tuple[str, str, int, int, int]], list[int]]:
     """(name, kind, T, P, Q) of every Linear/Conv2d weight as the DP norm dispatch sees it, and the
     numel of every trainable parameter tensor; the U-Net runs one forward on the meta device."""
-    from engine.unet import ConditionalUNet, UNetConfig
+    from engine.model.unet import ConditionalUNet, UNetConfig
     cfg = UNetConfig.from_dict(model_cfg)
     with torch.device("meta"):
         model = ConditionalUNet(cfg)

@@ -21,8 +21,7 @@ import math
 
 import torch
 
-from kernels.backend import (TRITON_DTYPES, Launch, as_secondary, check_blocks_per_sample, secondary_dtypes,
-                             use_triton)
+from kernels.backend import TRITON_DTYPES, Launch, as_secondary, check_blocks_per_sample, secondary_dtypes, use_triton
 
 try:
     import triton

@@ -23,8 +23,7 @@ and CUDA training see the same noise up to float rounding of log/cos.
 """
 import torch
 
-from kernels.backend import (TRITON_DTYPES, Launch, as_secondary, check_blocks_per_sample, secondary_dtypes,
-                             use_triton)
+from kernels.backend import TRITON_DTYPES, Launch, as_secondary, check_blocks_per_sample, secondary_dtypes, use_triton
 from kernels.philox import randn_for_shape
 
 try:
