@@ -35,21 +35,21 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.config_schema import ConfigSection, FieldError, constrained
 from data_pipeline.images import to_model_range
 from engine.diffusion.guidance import null_tokens_like
 from engine.diffusion.schedule import NoiseSchedule, loss_weights, per_sample_loss, q_sample, target_for
-from engine.training.privacy import ACCOUNTANTS, solve_noise_multiplier
+from engine.training.privacy import Accountant, solve_noise_multiplier
 from kernels.dp_clip import PerSampleNormHooks, add_noise_and_scale_, clip_factors
 
 log = logging.getLogger(__name__)
-NORM_METHODS = ("auto", "ghost", "vmap")
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -57,56 +57,29 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 # ----------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
-class DPConfig:
+class DPConfig(ConfigSection):
     """The `dp` section of a training config. Give noise_multiplier OR target_epsilon, and
     sample_rate OR expected_batch_size (q = expected_batch_size / N)."""
+    SECTION = "dp"
     enabled: bool = False
-    clip_norm: float = 1.0
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    accountant: str = "prv"
-    sample_rate: float | None = None
-    expected_batch_size: int | None = None
-    noise_multiplicity: int = 1
-    norm_method: str = "auto"
-    vmap_chunk: int = 16
+    clip_norm: float = constrained(1.0, "float > 0", lambda v: v > 0)
+    noise_multiplier: float | None = constrained(None, "float >= 0 or null", lambda v: v >= 0)
+    target_epsilon: float | None = constrained(None, "float > 0 or null", lambda v: v > 0)
+    delta: float = constrained(1e-5, "float in (0, 1)", lambda v: 0 < v < 1)
+    accountant: Accountant = "prv"
+    sample_rate: float | None = constrained(None, "float in (0, 1] or null", lambda v: 0 < v <= 1)
+    expected_batch_size: int | None = constrained(None, "int >= 1 or null", lambda v: v >= 1)
+    noise_multiplicity: int = constrained(1, "int >= 1", lambda v: v >= 1)
+    norm_method: Literal["auto", "ghost", "vmap"] = "auto"
+    vmap_chunk: int = constrained(16, "int >= 1", lambda v: v >= 1)
     secure_noise_seed: bool = False  # draw the noise seed from the OS (rank 0, broadcast) instead of (seed, step)
 
-    def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> None:
-            raise ValueError(f"dp.{key}: {why}, got {getattr(self, key)!r}")
-        if not isinstance(self.enabled, bool):
-            bad("enabled", "expected true/false")
-        if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
-            bad("clip_norm", "expected a number > 0")
-        if self.noise_multiplier is not None and not (isinstance(self.noise_multiplier, (int, float))
-                                                      and self.noise_multiplier >= 0):
-            bad("noise_multiplier", "expected a number >= 0")
-        if self.target_epsilon is not None and not (isinstance(self.target_epsilon, (int, float))
-                                                    and self.target_epsilon > 0):
-            bad("target_epsilon", "expected a number > 0")
-        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
-            bad("delta", "expected 0 < delta < 1")
-        if self.accountant not in ACCOUNTANTS:
-            bad("accountant", f"expected one of {ACCOUNTANTS}")
-        if self.sample_rate is not None and not (isinstance(self.sample_rate, (int, float))
-                                                 and 0 < self.sample_rate <= 1):
-            bad("sample_rate", "expected 0 < q <= 1")
-        if self.expected_batch_size is not None and not (isinstance(self.expected_batch_size, int)
-                                                         and self.expected_batch_size >= 1):
-            bad("expected_batch_size", "expected an integer >= 1")
-        if not (isinstance(self.noise_multiplicity, int) and self.noise_multiplicity >= 1):
-            bad("noise_multiplicity", "expected an integer >= 1")
-        if self.norm_method not in NORM_METHODS:
-            bad("norm_method", f"expected one of {NORM_METHODS}")
-        if not (isinstance(self.vmap_chunk, int) and self.vmap_chunk >= 1):
-            bad("vmap_chunk", "expected an integer >= 1")
+    def check(self) -> None:
         if self.enabled:
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
-                raise ValueError("dp.noise_multiplier: give exactly one of dp.noise_multiplier and dp.target_epsilon")
+                raise FieldError("noise_multiplier", "give exactly one of noise_multiplier and target_epsilon")
             if (self.sample_rate is None) == (self.expected_batch_size is None):
-                raise ValueError("dp.sample_rate: give exactly one of dp.sample_rate and dp.expected_batch_size")
+                raise FieldError("sample_rate", "give exactly one of sample_rate and expected_batch_size")
 
     def resolve(self, num_examples: int, planned_steps: int) -> "ResolvedDP":
         """Fix q and sigma for a dataset of `num_examples` and a run of `planned_steps` steps."""

@@ -165,7 +165,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
         prepared = prepare_dataset(cfg.data, str(run_dir), progress=False)
     vocab, train_split = prepared.vocab, prepared.splits["train"]
     if len(train_split) == 0:
-        raise TrainingError(f"data: the train split is empty ({cfg.data['root']})")
+        raise TrainingError(f"data: the train split is empty ({cfg.data.root})")
 
     mcfg = _fit_model_to_vocab(cfg, vocab, say)
     torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
