@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from data_pipeline.config_schema import build  # noqa: E402
 from engine.diffusion.schedule import NoiseSchedule  # noqa: E402
 from engine.model.unet import ConditionalUNet, UNetConfig  # noqa: E402
-from engine.training.dp_sgd import DPSGD, DPConfig, diffusion_loss_fn, make_dp_batch  # noqa: E402
+from engine.training.diffusion_loss import diffusion_loss_fn, make_dp_batch  # noqa: E402
+from engine.training.dp_sgd import DPSGD, DPConfig  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 BATCH, SIZE = 16, 32
