@@ -108,14 +108,6 @@ def eps_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, 
     return _per_sample(schedule.sqrt_1mab(t), x_t) * x_t + _per_sample(schedule.sqrt_ab(t), x_t) * pred
 
 
-def x0_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
-                       parameterization: str) -> torch.Tensor:
-    a, s = _per_sample(schedule.sqrt_ab(t), x_t), _per_sample(schedule.sqrt_1mab(t), x_t)
-    if parameterization == "eps":
-        return (x_t - s * pred) / a
-    return a * x_t - s * pred
-
-
 def loss_weights(t: torch.Tensor, schedule: NoiseSchedule, parameterization: str,
                  min_snr_gamma: float | None) -> torch.Tensor | None:
     """Min-SNR-gamma weights (Hang et al. 2023) expressed for the chosen prediction target.

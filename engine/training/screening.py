@@ -40,10 +40,6 @@ class ScreenResult:
     keep: torch.Tensor        # [B] bool: samples that stay in the loss
     magnitude: torch.Tensor   # [B] L in the configured units
 
-    @property
-    def fraction_dropped(self) -> float:   # a host sync: for reports, not the training step
-        return 1.0 - float(self.keep.float().mean()) if self.keep.numel() else 0.0
-
 
 @torch.no_grad()
 def screening_magnitude(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
