@@ -63,9 +63,10 @@ class DataConfig(ConfigSection):
     max_len: int = constrained(32, "int in [2, 256]", lambda v: 2 <= v <= 256)   # prompt length in tokens
     patient_tokens: bool = False           # add a per-patient extra token `pt<patient id>` to every prompt
     planted: PlantedConfig | None = None   # planted duplicates in the train split
+    # format "synthetic": how many images to generate, their seed and width in pixels
     synthetic_images: int = constrained(1000, "int > 0", lambda v: v > 0)
     synthetic_seed: int = 0
-    synthetic_width: int = constrained(320, "int in [32, 1024]", lambda v: 32 <= v <= 1024)  # pixels
+    synthetic_width: int = constrained(320, "int in [32, 1024]", lambda v: 32 <= v <= 1024)
 
 
 def data_config(raw: dict) -> DataConfig:
