@@ -129,8 +129,6 @@ def _sample_prompts(cfg: TrainConfig, prepared) -> tuple[list[str], torch.Tensor
     return chosen, split.tokens[rows]
 
 
-
-
 @dataclasses.dataclass
 class _Window:
     """What happened since the last log line: one loss per micro-batch, the optimizer steps, the time."""
@@ -213,7 +211,8 @@ class TrainLoop:
         self.ema = EMA(self.engine.module, cfg.training.ema_decay, cfg.training.ema_warmup, keep=self.is_main)
 
     def _resume(self, tag: str | None, stop_at: int | None) -> None:
-        """Restore the checkpoint `tag` (if any) and fix the steps this process runs: start -> stop."""
+        """Restore the checkpoint `tag` (if any), fix the steps this process runs (start -> stop) and
+        compile the engine if any remain."""
         self.start_step = 0
         if tag is not None:
             state = load_checkpoint(self.engine, self.ckpt_dir, tag, self.ema, self.rank)
