@@ -16,7 +16,6 @@ from engine.diffusion.schedule import (
     loss_weights,
     q_sample,
     target_for,
-    x0_from_prediction,
 )
 from engine.model import attention as attention_module
 from engine.model.attention import attention
@@ -84,7 +83,6 @@ def test_q_sample_and_targets_round_trip():
         target = target_for(x0, eps, t, s, param)
         # The schedule is stored in float64 but handed out as float32 per sample: 1e-5 tolerance.
         assert torch.allclose(eps_from_prediction(target, x_t, t, s, param), eps, atol=1e-4)
-        assert torch.allclose(x0_from_prediction(target, x_t, t, s, param), x0, atol=1e-3)
 
 
 def test_min_snr_weights():
