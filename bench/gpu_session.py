@@ -423,9 +423,11 @@ def section_scan(s: Section, device) -> None:
     seeds = prompt_seeds(range(n), 0)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     steps = 2 if s.dry_run else 50
-    layouts = [("batched_32_fp32", 32, steps, False, n), ("batched_32_bf16", 32, steps, True, n),
+    # cheapest first, so that a section cut short by its limit still has the comparisons that matter
+    layouts = [("first_step_batched_32_bf16", 32, 1, True, n), ("batched_32_bf16", 32, steps, True, n),
+               ("loop_1_bf16", 1, steps, True, 2 if s.dry_run else 8),
                ("loop_1_fp32", 1, steps, False, 2 if s.dry_run else 8),
-               ("first_step_batched_32_bf16", 32, 1, True, n)]
+               ("batched_32_fp32", 32, steps, False, min(n, 32))]
     for name, per_batch, n_steps, bf16, n_prompts in layouts:
         if s.left() < 15 and not s.dry_run:
             s.put(name, {"skipped": f"{s.left():.0f} s left in the section"})

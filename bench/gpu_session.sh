@@ -90,7 +90,7 @@ run_section() {
 
 run_section env 45 20
 run_section kernels 75 30
-run_section train64 110 60
+run_section train64 130 60
 run_section scan 60 20
 run_section peers 60 30
 run_section train128 150 60

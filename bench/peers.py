@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.measure import bootstrap_aucs, interleaved, interval, machine, median, spread  # noqa: E402
+from bench.measure import auc, bootstrap_aucs, interleaved, interval, machine, median, spread  # noqa: E402
 from bench.planted_model import (  # noqa: E402
     PlantedModel,
     demo_unet_config,
@@ -268,7 +268,6 @@ def compare_scan(args, planted: PlantedModel) -> dict:
         if not pos.any() or not neg.any():
             continue
         boot = bootstrap_aucs(scores, pos, neg, n_boot=args.bootstrap)
-        from bench.measure import auc  # noqa: PLC0415
         est = {k: auc(s[pos], s[neg]) for k, s in scores.items()}
         ivals = {k: interval(v) for k, v in boot.items()}
         diff = interval(boot["memdiff_first_step"] - boot["wen_loop_mean"])
@@ -283,11 +282,14 @@ def compare_scan(args, planted: PlantedModel) -> dict:
         if negatives == "control":
             auc_check = {"memdiff_first_step": est["memdiff_first_step"], "wen_loop_mean": est["wen_loop_mean"],
                          "wen_loop_interval": ivals["wen_loop_mean"], "inside": inside, "difference_interval": diff}
-    note = "" if auc_check is None else (f" (AUC vs controls: memdiff {auc_check['memdiff_first_step']:.3f}, loop "
-                                         f"{auc_check['wen_loop_mean']:.3f} [{auc_check['wen_loop_interval'][0]:.3f}, "
-                                         f"{auc_check['wen_loop_interval'][1]:.3f}])")
-    return {"line": f"scan vs wen_loop: memdiff/wen_loop = {ratio:.2f}x{note}", "ratio": ratio, "auc": auc_check,
-            "times_s": times, "details": details}
+    note = ("scan AUCs: no planted/control prompts" if auc_check is None else
+            f"scan AUCs (planted vs control prompts, n+ {int((groups == 'planted').sum())}, n- "
+            f"{int((groups == 'control').sum())}): memdiff first-step {auc_check['memdiff_first_step']:.3f}, Wen loop "
+            f"50-step mean {auc_check['wen_loop_mean']:.3f} [95% {auc_check['wen_loop_interval'][0]:.3f}, "
+            f"{auc_check['wen_loop_interval'][1]:.3f}]: {'inside' if auc_check['inside'] else 'OUTSIDE'} the loop's "
+            f"interval")
+    return {"line": f"scan vs wen_loop: memdiff/wen_loop = {ratio:.2f}x", "ratio": ratio, "auc": auc_check,
+            "note": note, "times_s": times, "details": details}
 
 
 # ----------------------------------------------------------------------------- loader
@@ -417,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(results[key]["line"])
     print("(ratio = memdiff throughput / peer throughput, medians over interleaved rounds: above 1.00x memdiff is "
           "faster)")
+    if "scan" in results:
+        print(results["scan"]["note"])
     print(f"\nmachine: {before['cpu']}, {before['cores']} cores, torch {torch.__version__}, {args.threads} torch "
           f"thread(s); load average (1, 5, 15 min) {before['load_average_1_5_15']} at start, "
           f"{after['load_average_1_5_15']} at end; {before['date']}; {time.perf_counter() - start:.0f} s in all")
