@@ -1,6 +1,8 @@
 """Candidate speed-ups of memdiff's training and DP-SGD steps, measured before anyone implements
-them: each variant patches the step for its own calls only and runs interleaved with the unchanged
-step and the peer (diffusers / Opacus), medians over rounds. Nothing here changes the engine.
+them: each variant patches the step for its own calls only and alternates, round by round, with the
+unchanged step; the figure is the median of the per-round time ratios (paired, so load changes on a
+shared machine cancel), and the peer (diffusers / Opacus) is measured the same way. Nothing here
+changes the engine.
 
     python bench/what_if.py                 # train and dp, 1 thread
     python bench/what_if.py --only dp --rounds 7
@@ -88,6 +90,22 @@ def check_fast_philox() -> str:
     return "fast_philox: bit-identical to the reference on 65,536 offsets"
 
 
+def paired(base, peer_name: str, peer, variants: dict, rounds: int, calls: int, batch: int, title: str) -> None:
+    """Each variant (and the peer) against the unchanged step, in alternating rounds of its own: the
+    per-round time ratio variant/base is paired, so a load change during the run cancels."""
+    print(f"\n{title}: time of each against memdiff as is, paired per round (median [min-max] of {rounds} rounds)")
+    base_times = []
+    for name, step in {peer_name: peer, **variants}.items():
+        times = interleaved({"memdiff": base, name: step}, rounds, calls, warmup=1, say=say)
+        base_times += times["memdiff"]
+        ratios = sorted(v / b for v, b in zip(times[name], times["memdiff"]))
+        med = median(ratios)
+        print(f"  {name:28s} x{med:.3f} [{ratios[0]:.3f}-{ratios[-1]:.3f}] of memdiff's time ({100 * (med - 1):+5.1f}%)",
+              flush=True)
+    print(f"  (memdiff as is: {median(base_times) * 1e3:.0f} ms per step over all rounds = "
+          f"{batch / median(base_times):.0f} images/s)")
+
+
 def train_variants(rounds: int, calls: int) -> None:
     from bench.peer_diffusers import DiffusersPair, DiffusersTrainStep  # noqa: PLC0415
     vocab, cfg, b = Vocabulary.default(), demo_unet_config(), 32
@@ -102,44 +120,34 @@ def train_variants(rounds: int, calls: int) -> None:
         return MemdiffTrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused),
                                 NoiseSchedule("linear", 1000), x, tokens, null, compute_dtype=dtype)
     torch.manual_seed(0)
-    peer = DiffusersPair(cfg).train()
-    cases = {"memdiff": memdiff(), "diffusers": DiffusersTrainStep(peer, torch.optim.AdamW(peer.parameters(), lr=1e-3),
-                                                                    x0, tokens, null),
-             "randn_noise": with_patch("randn_noise", memdiff()), "fast_philox": with_patch("fast_philox", memdiff()),
-             "channels_last": memdiff(channels_last=True), "fused_adamw": memdiff(fused=True),
-             "bf16": memdiff(dtype=torch.bfloat16),
-             "randn+fused+channels_last": with_patch("randn_noise", memdiff(channels_last=True, fused=True))}
-    times = interleaved(cases, rounds, calls, warmup=1, say=say)
-    report("train step (demo U-Net, batch 32, 32 px)", times, "diffusers", b)
+    peer_model = DiffusersPair(cfg).train()
+    peer = DiffusersTrainStep(peer_model, torch.optim.AdamW(peer_model.parameters(), lr=1e-3), x0, tokens, null)
+    variants = {"randn_noise": with_patch("randn_noise", memdiff()), "fast_philox": with_patch("fast_philox", memdiff()),
+                "channels_last": memdiff(channels_last=True), "fused_adamw": memdiff(fused=True),
+                "bf16": memdiff(dtype=torch.bfloat16),
+                "randn+fused+channels_last": with_patch("randn_noise", memdiff(channels_last=True, fused=True))}
+    paired(memdiff(), "diffusers", peer, variants, rounds, calls, b, "train step (demo U-Net, batch 32, 32 px)")
 
 
 def dp_variants(rounds: int, calls: int) -> None:
     cfg = demo_unet_config()
-    cases, _ = dp_step_cases(cfg, 16, opacus_variants=("opacus_hooks",))
-    extra, _ = dp_step_cases(cfg, 16, opacus_variants=())
-    cases = {"memdiff": cases["memdiff"], "opacus_hooks": cases["opacus_hooks"], "nonprivate": cases["nonprivate"],
-             "vmap": cases["memdiff_torch_func"], "randn_noise": with_patch("randn_noise", extra["memdiff"]),
-             "fast_philox": with_patch("fast_philox", extra["memdiff_torch_func"]),
-             "vmap+randn_noise": with_patch("randn_noise", extra["memdiff_torch_func"])}
-    times = interleaved(cases, rounds, calls, warmup=1, say=say)
-    report("DP step (demo U-Net, batch 16, 32 px); fast_philox is on the vmap path", times, "opacus_hooks", 16)
 
-
-def report(title: str, times: dict, peer: str, batch: int) -> None:
-    med = {k: median(v) for k, v in times.items()}
-    print(f"\n{title}: median ms per step, memdiff-variant/{peer} throughput ratio, change against memdiff as is")
-    for k, v in med.items():
-        print(f"  {k:28s} {v * 1e3:8.1f} ms  {batch / v:6.0f} images/s  x{med[peer] / v:.2f} of {peer}  "
-              f"{100 * (v / med['memdiff'] - 1):+6.1f}% time")
-        if "nonprivate" in med:
-            print(f"  {'':28s} {v / med['nonprivate']:.2f}x the non-private step")
+    def fresh(name: str, opacus=()):
+        return dp_step_cases(cfg, 16, opacus_variants=opacus)[0][name]
+    variants = {"nonprivate": fresh("nonprivate"), "vmap": fresh("memdiff_torch_func"),
+                "randn_noise": with_patch("randn_noise", fresh("memdiff")),
+                "fast_philox": with_patch("fast_philox", fresh("memdiff")),
+                "vmap+randn_noise": with_patch("randn_noise", fresh("memdiff_torch_func")),
+                "vmap+fast_philox": with_patch("fast_philox", fresh("memdiff_torch_func"))}
+    paired(fresh("memdiff"), "opacus_hooks", fresh("opacus_hooks", ("opacus_hooks",)), variants, rounds, calls, 16,
+           "DP step (demo U-Net, batch 16, 32 px, norm hooks unless 'vmap')")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="train,dp")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--calls", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
