@@ -319,27 +319,10 @@ def cfg_json_unet(image_size: int, dry_run: bool):
     return UNetConfig.from_dict(model)
 
 
-def train_flops_per_image(cfg) -> float:
-    """Model FLOPs of one forward + backward per image (torch.utils.flop_counter on the meta device)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from engine.model.unet import ConditionalUNet
-    with torch.device("meta"):
-        net = ConditionalUNet(cfg)
-        x = torch.empty(2, cfg.in_channels, cfg.image_size, cfg.image_size)
-        t = torch.zeros(2, dtype=torch.long)
-        tokens = torch.ones(2, cfg.max_tokens, dtype=torch.long)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        net(x, t, tokens).sum().backward()
-    return counter.get_total_flops() / 2
-
-
 def section_train(s: Section, device, image_size: int) -> None:
     import torch
 
-    from bench.peers import fixed_batch
+    from bench.peers import fixed_batch, flops_per_image
     from bench.train_step import MemdiffTrainStep
     from data_pipeline.vocab import Vocabulary
     from engine.diffusion.schedule import NoiseSchedule
@@ -348,7 +331,7 @@ def section_train(s: Section, device, image_size: int) -> None:
     cfg = cfg_json_unet(image_size, s.dry_run)
     batch = 2 if s.dry_run else 64
     steps = 3 if s.dry_run else (300 if image_size <= 64 else 200)
-    flops_img = train_flops_per_image(cfg)
+    flops_img = flops_per_image(ConditionalUNet, cfg)
     ceil = ceilings(os.path.dirname(s.path))
     s.put("config", {"image_size": cfg.image_size, "batch": batch, "attention_resolutions": list(cfg.attention_resolutions),
                      "model_GFLOP_per_image_fwd_bwd": flops_img / 1e9, "dtype": "bf16 autocast"})
@@ -370,7 +353,7 @@ def section_train(s: Section, device, image_size: int) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        for _ in range(3):   # warm-up; compiles when compiled (and recompiles once for the other CFG mask pattern)
+        for _ in range(3):   # warm-up (the compiled forward and backward are built in the first step)
             step()
         sync(device)
         warm_s = time.perf_counter() - start

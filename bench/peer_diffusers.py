@@ -38,7 +38,7 @@ class TokenEncoder(nn.Module):
 
 def diffusers_unet_like(cfg: UNetConfig, norm_groups: int | None = None):
     """A UNet2DConditionModel with memdiff's channel widths, blocks per level, attention resolutions,
-    heads and context width. Cross-attention blocks sit at the resolutions where memdiff has its
+    heads, context width and dropout. Cross-attention blocks sit at the resolutions where memdiff has its
     attention blocks; the mid block has attention as in memdiff."""
     from diffusers import UNet2DConditionModel  # noqa: PLC0415 - bench extra
 
@@ -52,7 +52,8 @@ def diffusers_unet_like(cfg: UNetConfig, norm_groups: int | None = None):
     return UNet2DConditionModel(
         sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
         block_out_channels=widths, layers_per_block=cfg.num_res_blocks, down_block_types=down, up_block_types=up,
-        cross_attention_dim=cfg.context_dim, attention_head_dim=cfg.num_heads, norm_num_groups=norm_groups)
+        cross_attention_dim=cfg.context_dim, attention_head_dim=cfg.num_heads, norm_num_groups=norm_groups,
+        dropout=cfg.dropout)
 
 
 def diffusers_scheduler(num_timesteps: int = 1000):

@@ -72,6 +72,20 @@ def fixed_batch(batch: int, image_size: int, vocab: Vocabulary, seed: int = 0, d
     return x0.to(device), tokens.to(device), vocab.null_tokens(batch).to(device)
 
 
+def flops_per_image(make_model, cfg) -> float:
+    """Model FLOPs of one forward + backward per image (torch.utils.flop_counter, on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    with torch.device("meta"):
+        net = make_model(cfg)
+        x = torch.empty(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+        t = torch.zeros(2, dtype=torch.long)
+        tokens = torch.ones(2, cfg.max_tokens, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(x, t, tokens).sum().backward()
+    return counter.get_total_flops() / 2
+
+
 def _sync(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -98,7 +112,9 @@ def train_step_cases(cfg, batch: int, device: str = "cpu", compute_dtype: torch.
     info = [f"model: memdiff ConditionalUNet {count_parameters(memdiff_model) / 1e6:.3f}M parameters, diffusers "
             f"UNet2DConditionModel + TokenEncoder {count_parameters(peer_model) / 1e6:.3f}M "
             f"({count_parameters(peer_model.unet) / 1e6:.3f}M U-Net); batch {batch}, {cfg.image_size} px, "
-            f"AdamW lr {lr:g}, p_uncond 0.5, eps-MSE, {str(compute_dtype).removeprefix('torch.')}, {x0.device}",
+            f"AdamW lr {lr:g}, p_uncond 0.5, eps-MSE, {str(compute_dtype).removeprefix('torch.')}, {x0.device}; "
+            f"model FLOPs per image (forward + backward): memdiff {flops_per_image(ConditionalUNet, cfg) / 1e9:.3g} G, "
+            f"diffusers {flops_per_image(DiffusersPair, cfg) / 1e9:.3g} G",
             f"noise: memdiff kernels.noising ({'Triton' if x0.is_cuda else 'Philox reference in PyTorch'}), "
             f"diffusers torch.randn_like; both: no EMA, no gradient clipping, no LR schedule (the trainer adds "
             f"those after the step)"]
