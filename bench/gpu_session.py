@@ -305,6 +305,7 @@ def _noise_triton_cpu(dp_clip, grads, seed) -> None:
 
 def cfg_json_unet(image_size: int, dry_run: bool):
     """configs/cfg.json's U-Net at `image_size` (attention resolutions scaled with it); tiny for --dry-run."""
+    from data_pipeline.config_schema import build
     from engine.model.unet import UNetConfig
     with open(os.path.join(REPO, "configs", "cfg.json")) as f:
         model = json.load(f)["model"]
@@ -316,7 +317,7 @@ def cfg_json_unet(image_size: int, dry_run: bool):
     model["attention_resolutions"] = [r * scale for r in model["attention_resolutions"]]
     model["image_size"] = image_size
     model["dropout"] = model.get("dropout", 0.0)
-    return UNetConfig.from_dict(model)
+    return build(UNetConfig, model, "model")
 
 
 def section_train(s: Section, device, image_size: int) -> None:

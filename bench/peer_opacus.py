@@ -12,7 +12,7 @@ noise N(0, sigma^2 C^2), divide by the expected batch size, AdamW) on a batch of
 
 A user of Opacus writes the diffusion loss themselves: t, eps and the CFG drop from one generator,
 x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, per-sample MSE against eps. memdiff's own step
-(engine.training.dp_sgd: make_dp_batch, DPSGD.backward, optimizer step) is built in bench/peers.py.
+(engine.training.diffusion_loss.make_dp_batch, engine.training.dp_sgd.DPSGD.backward, optimizer step) is built in bench/peers.py.
 """
 from __future__ import annotations
 

@@ -141,7 +141,8 @@ def dp_step_cases(cfg, batch: int, device: str = "cpu", opacus_variants=("opacus
                   sigma: float = 1.0, clip: float = 1.0, lr: float = 1e-3) -> tuple[dict, list[str]]:
     """One DP-SGD step per call for memdiff (default norm method, and torch.func), the non-private
     step on the same batch and loss, and the Opacus variants asked for."""
-    from engine.training.dp_sgd import DPSGD, DPConfig, diffusion_loss_fn, make_dp_batch  # noqa: PLC0415
+    from engine.training.diffusion_loss import diffusion_loss_fn, make_dp_batch
+    from engine.training.dp_sgd import DPSGD, DPConfig  # noqa: PLC0415
 
     for message in (".*batching rule.*", ".*Secure RNG turned off.*", ".*[Ff]ull backward hook.*", ".*CPU autocast.*"):
         warnings.filterwarnings("ignore", message=message)
@@ -162,7 +163,7 @@ def dp_step_cases(cfg, batch: int, device: str = "cpu", opacus_variants=("opacus
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         counter = iter(range(10**9))
 
-        def step() -> None:   # = engine.training.dp_sgd.DPTraining.backward(step) + the optimizer step
+        def step() -> None:   # = engine.training.steps.DPStep.forward_backward(step) + the optimizer step
             s = next(counter)
             dp.backward(loss_fn, make_dp_batch(x0, tokens, index, schedule, seed=0, step=s, p_uncond=0.5), s)
             opt.step()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.train_step import MemdiffTrainStep
+from data_pipeline.config_schema import build
 from data_pipeline.dataset import PreparedData, prepare_dataset
 from data_pipeline.loaders import make_loader
 from engine.audit.scan import prompt_groups
@@ -32,7 +33,7 @@ def demo_unet_config(vocab_size: int = 128, image_size: int = 32) -> UNetConfig:
         model = json.load(f)["model"]
     model["vocab_size"] = max(model["vocab_size"], vocab_size)
     model["image_size"] = image_size
-    return UNetConfig.from_dict(model)
+    return build(UNetConfig, model, "model")
 
 
 def planted_data(work_dir: str, *, images: int, planted_k: int, copies: int, image_size: int = 32,

@@ -37,7 +37,7 @@ def _phases() -> list[tuple[object, str]]:
     from engine.diffusion.guidance import predict_cond_uncond  # noqa: PLC0415
     from engine.diffusion.sampling import sample  # noqa: PLC0415
     from engine.model.prompt_encoder import PromptEncoder  # noqa: PLC0415
-    from engine.training import dp_sgd  # noqa: PLC0415
+    from engine.training import diffusion_loss, dp_sgd  # noqa: PLC0415
     from kernels.guided_step import guided_step  # noqa: PLC0415
     from kernels.philox import randn_like_triton  # noqa: PLC0415
 
@@ -51,8 +51,8 @@ def _phases() -> list[tuple[object, str]]:
         (torch.Tensor.backward, "backward (Tensor.backward)"),
         (torch.autograd.grad, "autograd.grad (DP norm pass)"),
         (torch.optim.AdamW.step, "optimizer (AdamW.step)"),
-        (dp_sgd.make_dp_batch, "DP: make_dp_batch (per-example t, eps, CFG drop)"),
-        (dp_sgd.diffusion_loss_fn, None),
+        (diffusion_loss.make_dp_batch, "DP: make_dp_batch (per-example t, eps, CFG drop)"),
+        (diffusion_loss.diffusion_loss_fn, None),
         (dp_sgd.DPSGD.backward, "DP: DPSGD.backward (all of the private backward)"),
         (dp_sgd._vmap_clipped_sum, "DP: torch.func per-sample gradients (_vmap_clipped_sum)"),
         (dp_clip.PerSampleNormHooks.clipped_backward, "DP: PerSampleNormHooks.clipped_backward"),
@@ -137,7 +137,8 @@ def train_cases():
 
 def dp_cases():
     from bench.peer_opacus import opacus_step  # noqa: PLC0415
-    from engine.training.dp_sgd import DPSGD, DPConfig, diffusion_loss_fn, make_dp_batch  # noqa: PLC0415
+    from engine.training.diffusion_loss import diffusion_loss_fn, make_dp_batch
+    from engine.training.dp_sgd import DPSGD, DPConfig  # noqa: PLC0415
     warnings.filterwarnings("ignore")
     vocab, cfg, b = Vocabulary.default(), demo_unet_config(), 16
     x0, tokens, _ = fixed_batch(b, cfg.image_size, vocab, seed=1)
