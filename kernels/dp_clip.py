@@ -55,6 +55,7 @@ METHODS = ("auto", "direct", "ghost")                  # rules of linear_weight_
 CONV_METHODS = METHODS + ("grouped",)                   # rules of conv2d_weight_sq_norms
 HOOK_METHODS = ("measured",) + CONV_METHODS             # what PerSampleNormHooks takes
 MEASURE_WITHIN = 4.0    # "measured" times the rules within this factor of the fewest multiply-adds
+KEEP_BYTES = 256 << 20  # per-sample gradients a rule forms anyway, kept for the clipped sum (in all)
 _REF_CHUNK_ELEMS = 1 << 26    # bound the reference's per-chunk [b, P, Q] / [b, T, T] temporaries
 
 
@@ -253,6 +254,19 @@ def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return view.reshape(n, c * kh * kw, ho * wo)
 
 
+def conv2d_per_sample_weight_grads(x: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d,
+                                   rows_per_sample: int = 1) -> torch.Tensor:
+    """dL_i/dW [B, C_out, C_in, kh, kw] (fp32/fp64) of a groups=1 Conv2d: the convolution's own weight
+    gradient with the batch rows as groups, a sample's K rows summed."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    n, c_in, c_out = x.shape[0], x.shape[1], grad_out.shape[1]
+    per_row = torch.nn.grad.conv2d_weight(
+        x.to(cdt).reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in, *conv.kernel_size),
+        grad_out.to(cdt).reshape(1, n * c_out, *grad_out.shape[2:]), conv.stride, conv.padding, conv.dilation,
+        groups=n)                                           # [B*K*C_out, C_in, kh, kw]
+    return per_row.reshape(n // rows_per_sample, rows_per_sample, c_out, c_in, *conv.kernel_size).sum(dim=1)
+
+
 def conv2d_weight_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d, method: str = "auto",
                            rows_per_sample: int = 1) -> torch.Tensor:
     """Per-sample ||dL_i/dW||^2 of a groups=1 Conv2d from its input x and output gradient.
@@ -262,13 +276,7 @@ def conv2d_weight_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, conv: nn.Con
     if method not in CONV_METHODS:
         raise ValueError(f"conv2d_weight_sq_norms: method {method!r} not in {CONV_METHODS}")
     if method == "grouped":
-        cdt = torch.promote_types(x.dtype, torch.float32)
-        n, c_in, c_out = x.shape[0], x.shape[1], grad_out.shape[1]
-        per_row = torch.nn.grad.conv2d_weight(
-            x.to(cdt).reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in, *conv.kernel_size),
-            grad_out.to(cdt).reshape(1, n * c_out, *grad_out.shape[2:]), conv.stride, conv.padding, conv.dilation,
-            groups=n)                                           # [B*K*C_out, C_in, kh, kw]
-        return per_row.reshape(n // rows_per_sample, rows_per_sample, -1).sum(dim=1).square().sum(dim=1)
+        return conv2d_per_sample_weight_grads(x, grad_out, conv, rows_per_sample).flatten(1).square().sum(dim=1)
     cols = conv_patches(x, conv)                                 # [B*K, C_in k k, L]
     g = grad_out.flatten(2)                                      # [B*K, C_out, L]
     return linear_weight_sq_norms(cols.transpose(1, 2), g.transpose(1, 2), method, rows_per_sample)
@@ -368,9 +376,12 @@ class PerSampleNormHooks:
     (`self.plan`, `self.plan_seconds`); "auto" the fewest multiply-adds; "direct" / "ghost" /
     "grouped" that rule wherever it applies (grouped: Conv2d only; Linear layers then take "auto").
     Every rule is exact: the choice changes floating-point summation order, nothing else.
+    The per-sample weight gradients the "grouped" rule forms are kept (up to `keep_bytes` in all)
+    and give that layer's clipped sum as sum_i c_i G_i, instead of a second weight-gradient pass.
     """
 
-    def __init__(self, model: nn.Module, method: str = "measured", rows_per_sample: int = 1) -> None:
+    def __init__(self, model: nn.Module, method: str = "measured", rows_per_sample: int = 1,
+                 keep_bytes: int = KEEP_BYTES) -> None:
         if method not in HOOK_METHODS:
             raise ValueError(f"PerSampleNormHooks: method {method!r} not in {HOOK_METHODS}")
         if not (isinstance(rows_per_sample, int) and rows_per_sample >= 1):
@@ -380,6 +391,8 @@ class PerSampleNormHooks:
         self.model = model
         self.plan: dict[str, str] = {}                        # layer label -> weight rule ("measured")
         self.plan_seconds: dict[str, dict[str, float]] = {}   # layer label -> seconds of each rule timed
+        self.keep_bytes = keep_bytes
+        self._kept: dict[str, torch.Tensor] | None = None     # label -> per-sample weight gradients (one pass)
         self._records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
         self._in_backward = False
         self._handles = []
@@ -460,7 +473,14 @@ class PerSampleNormHooks:
             return t.reshape(bsz, -1, t.shape[-1])
 
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            total = self._weight_sq_norms(module, x, g, self._weight_rule(label, module, x, g)) if w is not None else 0.0
+            rule = self._weight_rule(label, module, x, g) if w is not None else None
+            if rule == "grouped" and isinstance(module, nn.Conv2d) and self._kept is not None:
+                per_sample = conv2d_per_sample_weight_grads(x, g, module, self.rows)
+                if sum(t.nbytes for t in self._kept.values()) + per_sample.nbytes <= self.keep_bytes:
+                    self._kept[label] = per_sample
+                total = per_sample.flatten(1).square().sum(dim=1)
+            else:
+                total = self._weight_sq_norms(module, x, g, rule) if w is not None else 0.0
             g_last = g if isinstance(module, nn.Linear) else g.movedim(1, -1)
             return total + (bias_sq_norms(fold_last(g_last), -1) if bias is not None else 0.0)
         if isinstance(module, nn.GroupNorm):
@@ -518,23 +538,36 @@ class PerSampleNormHooks:
         """Norm pass, then each layer's gradient of sum_i c_i loss_i from its recorded input and its
         output gradient with row i scaled by c_i (no second backward); .grad of every trainable
         parameter receives sum_i c_i dloss_i/dparam. Returns the unclipped per-sample norms [B]."""
-        total, layers = self._norm_pass(per_sample_loss, retain_graph=False)
+        kept = self._kept = {}
+        try:
+            total, layers = self._norm_pass(per_sample_loss, retain_graph=False)
+        finally:
+            self._kept = None
         norms = total.sqrt()
-        row_factors = clip_factors(norms, clip_norm).repeat_interleave(self.rows)
+        factors = clip_factors(norms, clip_norm)
+        row_factors = factors.repeat_interleave(self.rows)
         with torch.no_grad():
-            for _, module, x, g in layers:
+            for label, module, x, g in layers:
                 scaled = g * row_factors.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1))
-                for param, grad in layer_param_grads(module, x, scaled):
+                grads = layer_param_grads(module, x, scaled, weight=label not in kept)
+                if label in kept:
+                    grads.append((module.weight, torch.tensordot(factors.to(kept[label].dtype), kept.pop(label),
+                                                                 dims=1).to(module.weight.dtype)))
+                for param, grad in grads:
                     param.grad = grad if param.grad is None else param.grad + grad
         return norms
 
 
-def layer_param_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+def layer_param_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor,
+                      weight: bool = True) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """(parameter, gradient) of each trainable parameter of a supported layer, from its input x and
-    the gradient g of its output: what autograd's backward would add to .grad for this call."""
-    w = module.weight if module.weight is not None and module.weight.requires_grad else None
+    the gradient g of its output: what autograd's backward would add to .grad for this call
+    (weight=False: all but the weight's)."""
+    w = module.weight if weight and module.weight is not None and module.weight.requires_grad else None
     bias = getattr(module, "bias", None)
     bias = bias if bias is not None and bias.requires_grad else None
+    if w is None and bias is None:
+        return []
     dtype = (w if w is not None else bias).dtype
     out = []
     if isinstance(module, nn.Embedding):

@@ -103,13 +103,14 @@ def test_conv_rules_match_torch_func_float64(dp, k):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=0, msg=method)
 
 
-@pytest.mark.parametrize("method", ["measured", "ghost", "grouped"])
+@pytest.mark.parametrize("method,keep", [("measured", True), ("ghost", True), ("grouped", True), ("grouped", False)])
 @pytest.mark.parametrize("k", [1, 2])
-def test_clipped_sum_without_second_backward_float64(dp, method, k):
+def test_clipped_sum_without_second_backward_float64(dp, monkeypatch, method, keep, k):
     """Book-keeping: .grad = sum_i c_i g_i built layer by layer from the recorded inputs and the
     output gradients scaled per row, on every layer kind (strided/dilated conv, conv without bias,
     GroupNorm, LayerNorm, Linear over tokens, Embedding with padding and repeated tokens), with K
-    rows per sample, against torch.func per-sample gradients clipped one by one."""
+    rows per sample, against torch.func per-sample gradients clipped one by one. "grouped" keeps
+    its per-sample conv weight gradients for the clipped sum, or (keep_bytes 0) recomputes it."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -134,7 +135,11 @@ def test_clipped_sum_without_second_backward_float64(dp, method, k):
     clip = norms.median().item()
     factors = torch.clamp(clip / (norms + 1e-6), max=1.0)
     assert (factors < 1).any() and (factors == 1).any()
-    hooks = dp.PerSampleNormHooks(model, method, rows_per_sample=k)
+    hooks = dp.PerSampleNormHooks(model, method, rows_per_sample=k, keep_bytes=dp.KEEP_BYTES if keep else 0)
+    recomputed = []                                        # conv weights whose clipped sum was a second pass
+    real = dp.layer_param_grads
+    monkeypatch.setattr(dp, "layer_param_grads", lambda m, x, g, weight=True: (
+        recomputed.append(m) if weight and isinstance(m, nn.Conv2d) else None) or real(m, x, g, weight))
     for p in model.parameters():                           # .grad accumulates, as backward() does
         p.grad = torch.full_like(p, 0.5)
     got_norms = hooks.clipped_backward(mse(grouped(x, tok)), clip)
@@ -142,6 +147,8 @@ def test_clipped_sum_without_second_backward_float64(dp, method, k):
     for name, p in model.named_parameters():
         want = (per["m." + name] * factors.reshape(-1, *[1] * p.dim())).sum(0) + 0.5
         torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-12, msg=f"{name} seed {seed}")
+    if method == "grouped":                                # all three convs: kept, or recomputed when keep_bytes 0
+        assert len(recomputed) == (0 if keep else 3)
 
 
 def test_layer_grads_equal_autograd_backward(dp):
