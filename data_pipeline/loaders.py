@@ -181,8 +181,9 @@ def choose_backend(backend: str, device: str) -> tuple[str, str]:
     """("dali" | "torch", why) for a `training.loader` setting and the training device.
 
     "auto" takes DALI only on CUDA (where its augmentation runs on the GPU) and when it loads; on
-    the CPU the PyTorch path, which delivered 2.2x the images/s of DALI's CPU pipeline on this
-    project's machine (bench/RESULTS.md, side-by-side loaders). "dali" that cannot load is an error.
+    the CPU the PyTorch path: with augmentation it delivered 1.0-2.2x the images/s of DALI's CPU
+    pipeline at 32 and 64 px in the side-by-side runs (bench/RESULTS.md), never less, and over 100x
+    what training consumes. "dali" that cannot load is an error.
     """
     if backend not in ("auto", "dali", "torch"):
         raise ValueError(f"loader.backend: {backend!r} is not auto, dali or torch")
