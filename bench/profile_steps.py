@@ -60,6 +60,7 @@ def _phases() -> list[tuple[object, str]]:
         (dp_clip.PerSampleNormHooks._layer_sq_norms, "DP:   per-layer norm rules"),
         (dp_clip.conv2d_weight_sq_norms, "DP:     conv rule (patches or grouped, per-sample product)"),
         (dp_clip.conv_patches, "DP:       of which conv patches (strided-view copy)"),
+        (dp_clip.conv2d_per_sample_weight_grads, "DP:     grouped conv rule (per-sample weight gradients, kept)"),
         (dp_clip.linear_weight_sq_norms, "DP:     linear rule"),
         (dp_clip.layer_param_grads, "DP:   clipped sum layer by layer (book-keeping)"),
         (dp_clip.add_noise_and_scale_, "DP: add_noise_and_scale_ (Philox noise, scale)"),

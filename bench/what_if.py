@@ -113,7 +113,7 @@ def dp_variants(rounds: int, calls: int) -> None:
                 "randn_noise": with_patch("randn_noise", fresh("memdiff")),
                 "vmap+randn_noise": with_patch("randn_noise", fresh("memdiff_torch_func"))}
     paired(fresh("memdiff"), "opacus_hooks", fresh("opacus_hooks", ("opacus_hooks",)), variants, rounds, calls, 16,
-           "DP step (demo U-Net, batch 16, 32 px, norm hooks unless 'vmap')")
+           "DP step (demo U-Net, batch 16, 32 px; memdiff = dp.norm_method auto, 'vmap' = torch.func configured)")
 
 
 def main() -> None:
