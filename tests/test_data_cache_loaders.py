@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline import loaders
 from data_pipeline.augment import AugmentConfig, augment_batch
 from data_pipeline.cache import decode_image, load_or_build_cache
 from data_pipeline.dataset import data_config, prepare_dataset
-from data_pipeline import loaders
 from data_pipeline.loaders import IndexStream, choose_backend, dali_available, make_loader
 from data_pipeline.synthetic import make_synthetic_chexpert
 
