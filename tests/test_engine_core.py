@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion.sampling import sample, seeded_noise, step_coefficients, timestep_sequence
+from engine.diffusion.sampling import sample, step_coefficients, timestep_sequence
 from engine.diffusion.schedule import (
     DiffusionConfig,
     NoiseSchedule,
@@ -18,6 +18,7 @@ from engine.diffusion.schedule import (
     target_for,
     x0_from_prediction,
 )
+from engine.diffusion.seeds import seeded_noise
 from engine.model import attention as attention_module
 from engine.model.attention import attention
 from engine.model.export import export_model, load_model

@@ -20,6 +20,7 @@ from data_pipeline.images import to_model_range, to_uint8
 from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
 from engine.audit.copy_detection import CopyDetector, copy_statistics
 from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
+from engine.audit.planted_truth import nearest_is_planted, planted_sources
 from engine.audit.roc import roc_curve, roc_metrics
 from engine.audit.run_data import TrainingImages
 from engine.audit.scan import planted_comparisons, scan_metadata
@@ -202,7 +203,7 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
         train_emb, gen_emb = found["embeddings"]["dar"]
         numbers["dar"] = copy_statistics(gen_emb, train_emb, copy_detector.threshold)
     if manifest:
-        numbers["planted"] = planted_recovery(prompts_out, train, manifest, n_g)
+        numbers["planted"] = planted_recovery(prompts_out, train, manifest)
     if "clip" in found["embeddings"]:
         train_emb, gen_emb = found["embeddings"]["clip"]
         tsne = tsne_coordinates(train_emb, gen_emb, opts.tsne_train, opts.seed)
@@ -212,18 +213,15 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
     return ValidationResult(numbers, generated, train.images, {})
 
 
-def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: dict, n_g: int) -> dict:
+def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: dict) -> dict:
     """For planted prompts: the share of generations whose nearest training image (pixel correlation)
     is the planted image (any of its copies, which share its path)."""
-    token_path = {p["token"]: p["image_path"] for p in manifest.get("planted", [])}
+    sources = planted_sources([e["prompt"] for e in prompts_out], [e["group"] for e in prompts_out], manifest)
     per_prompt, hits_total, gens_total = [], 0, 0
-    for entry in prompts_out:
-        if entry["group"] != "planted":
-            continue
-        _, _, extra = entry["prompt"].partition("|")
-        paths = {token_path[t] for t in extra.split() if t in token_path}
+    for j, paths in sources.items():
+        entry = prompts_out[j]
         nn_idx = [row[0] for row in entry["neighbors"]["pixel_correlation"]["train_indices"]]
-        hits = sum(train.image_paths[i] in paths for i in nn_idx)
+        hits = int(nearest_is_planted(nn_idx, train.image_paths, paths).sum())
         per_prompt.append({"prompt_index": entry["prompt_index"], "hits": hits, "generations": len(nn_idx)})
         hits_total, gens_total = hits_total + hits, gens_total + len(nn_idx)
     return {"per_prompt": per_prompt, "nearest_is_planted_fraction": hits_total / gens_total if gens_total else None,
