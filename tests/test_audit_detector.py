@@ -240,6 +240,11 @@ def test_scan_checkpoint_of_a_run_with_train_prompts(tmp_path):
     images = split_images(str(run), "train", progress=False)
     assert images.image_paths == paths[:3] and images.images.shape == (3, 32, 32)
     assert images.images[1].mean() == pytest.approx(40, abs=1)
+    # Validating the scan against another model's run fails before any work (weight fingerprints differ).
+    from engine.audit.validation import validate_checkpoint
+    export_model(tmp_path / "other" / "export", tiny_model(seed=1), DiffusionConfig(num_timesteps=100), VOCAB)
+    with pytest.raises(ValueError, match=r"scores\.parquet: was scanned with another model than .*other"):
+        validate_checkpoint(str(tmp_path / "other"), str(tmp_path / "scores.parquet"))
 
 
 def test_subsample_keeps_ground_truth_prompts():
