@@ -24,20 +24,43 @@ def read_table(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict[s
     except StopIteration:
         f.close()
         raise ValueError(f"{path}: empty file, expected a header with columns {', '.join(required)}") from None
+    except (UnicodeDecodeError, EOFError, OSError, csv.Error) as exc:   # EOFError/OSError: a broken .gz
+        f.close()
+        raise ValueError(f"{path}: {_unreadable(exc)} in the header") from None
     missing = [c for c in required if c not in header]
     if missing:
         f.close()
         raise ValueError(f"{path}: missing required columns: {', '.join(missing)}")
     position = {c: header.index(c) for c in required}
-    return _rows(f, reader, position)
+    return _rows(path, f, reader, position)
 
 
-def _rows(f, reader, position: dict[str, int]) -> Iterator[tuple[int, dict[str, str]]]:
+def _unreadable(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.object[exc.start]:#04x})"
+    return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})"
+
+
+def _rows(path: str, f, reader, position: dict[str, int]) -> Iterator[tuple[int, dict[str, str]]]:
+    """The data rows; a decoding error names the file and the row. Raises ValueError for a table
+    with a header but no data row: an empty dataset is never a silent success."""
+    row_number = 1
     with f:
-        for row_number, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            yield row_number, {c: (row[i].strip() if i < len(row) else "") for c, i in position.items()}
+        try:
+            for row_number, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                yield row_number, {c: (row[i].strip() if i < len(row) else "") for c, i in position.items()}
+        except (UnicodeDecodeError, EOFError, OSError, csv.Error) as exc:
+            raise ValueError(f"{path}: {_unreadable(exc)} at row {row_number + 1}") from None
+    if row_number == 1:
+        raise ValueError(f"{path}: no data rows (only a header)")
+
+
+def no_usable_rows(path: str, skipped: list[str]) -> ValueError:
+    """The error of a table whose every row was skipped: a reader returning zero records would
+    otherwise surface much later as an empty training set."""
+    return ValueError(f"{path}: none of its {len(skipped)} rows is usable (first: {skipped[0]})")
 
 
 def resolve_inside(root: str, base: str, relative: str, where: str) -> str:
