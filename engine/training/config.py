@@ -148,6 +148,9 @@ class TrainingSection(ConfigSection):
     ema_decay: float = constrained(0.999, "float in [0, 1)", lambda v: 0 <= v < 1)
     # decay_t = min(ema_decay, (1 + t) / (10 + t)): early averages do not drag the random init along.
     ema_warmup: bool = True
+    # Stop (keeping the last good checkpoint and export) when a logged loss exceeds this many times
+    # the median of the last 20 logged losses; a diverging run would otherwise train on and export.
+    divergence_factor: float | None = constrained(100.0, "float > 1 or null (off)", lambda v: v > 1)
     channels_last: bool = False
     # Batches: DALI where it loads (GPU), else the PyTorch path; both give the same stream.
     loader: Literal["auto", "dali", "torch"] = "auto"
