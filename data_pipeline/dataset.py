@@ -100,6 +100,9 @@ def read_records(cfg: DataConfig) -> tuple[list[XrayRecord], list[str]]:
         result = read_nih(root)
     else:
         if cfg.format == "synthetic" and not os.path.isfile(os.path.join(root, "train.csv")):
+            if os.path.isdir(root) and os.listdir(root):   # generating would write over whatever is there
+                raise ValueError(f"data.root: {root} holds files but no train.csv; synthetic data is generated "
+                                 f"only into a new or empty folder")
             from .synthetic import make_synthetic_chexpert
             log.info("generating %d synthetic images in %s", cfg.synthetic_images, root)
             make_synthetic_chexpert(root, cfg.synthetic_images, cfg.synthetic_seed, image_size=cfg.synthetic_width)

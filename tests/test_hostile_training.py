@@ -24,7 +24,11 @@ from safetensors.torch import load_file
 
 from data_pipeline.vocab import Vocabulary
 from engine.training.checkpointing import (
-    CheckpointError, MANIFEST, STATE, choose_checkpoint, save_checkpoint, verify,
+    MANIFEST,
+    STATE,
+    choose_checkpoint,
+    save_checkpoint,
+    verify,
 )
 from engine.training.config import ConfigError, config_from_dict
 from engine.training.ema import EMA
@@ -333,11 +337,30 @@ def _missing_column(tmp_path: Path, data: dict) -> tuple[dict, str]:
     return {**data, "root": str(root)}, f"error: {csv}: missing required columns: Frontal/Lateral"
 
 
+def _escaping_path(tmp_path: Path, data: dict) -> tuple[dict, str]:
+    root = tmp_path / "escape"
+    shutil.copytree(data["root"], root)
+    csv = root / "train.csv"
+    lines = csv.read_text().splitlines()
+    lines[1] = "../../../etc/passwd" + lines[1][lines[1].index(","):]
+    csv.write_text("\n".join(lines) + "\n")
+    return {**data, "root": str(root)}, (f"error: {csv}:2: refused image path '../../../etc/passwd': it resolves "
+                                         f"outside the dataset root {root}")
+
+
+def _synthetic_into_a_full_folder(tmp_path: Path, data: dict) -> tuple[dict, str]:
+    root = tmp_path / "documents"
+    root.mkdir()
+    (root / "letter.txt").write_text("mine")
+    return {**data, "root": str(root)}, f"error: data.root: {root} holds files but no train.csv"
+
+
 def _huge_model(tmp_path: Path, data: dict) -> tuple[dict, str]:
     return data, "error: model: "
 
 
-@pytest.mark.parametrize("make", [_all_corrupt, _non_utf8, _missing_column, _huge_model])
+@pytest.mark.parametrize("make", [_all_corrupt, _non_utf8, _missing_column, _escaping_path,
+                                  _synthetic_into_a_full_folder, _huge_model])
 def test_bad_data_and_impossible_models_are_one_line_errors_before_training(tmp_path, data, make):
     data_section, expected = make(tmp_path, data)
     model = {**TINY["model"], "base_channels": 8192, "channel_mult": [1, 2, 4]} if make is _huge_model else TINY["model"]
@@ -348,23 +371,33 @@ def test_bad_data_and_impossible_models_are_one_line_errors_before_training(tmp_
     [line] = error_lines(result)
     assert line.startswith(expected), line
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
+    if make is _synthetic_into_a_full_folder:
+        assert sorted(p.name for p in Path(data_section["root"]).iterdir()) == ["letter.txt"]
     if make is _huge_model:
         assert "GiB per rank" in line and "model.base_channels" in line
         assert not (tmp_path / "run").exists()   # refused before the output folder is touched
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_output_folder_is_refused_before_any_work(tmp_path, data):
-    out = tmp_path / "readonly"
-    out.mkdir()
-    out.chmod(0o555)
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, data):
+    """A read-only parent (as root, which writes anyway, a parent that is a file: the same check)
+    fails on the run marker, the first write, before the data is read or cached."""
+    parent = tmp_path / "parent"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        parent.write_text("a file")
+        expected = f"error: {parent / 'run'}: Not a directory"
+    else:
+        parent.mkdir(mode=0o555)
+        expected = f"error: {parent / 'run'}: Permission denied"
+    cache = tmp_path / "cache"
+    cfg = write_config(tmp_path / "c.json", {**data, "cache_dir": str(cache)}, output_dir=str(parent / "run"),
+                       deepspeed=ZERO0)
     try:
-        cfg = write_config(tmp_path / "c.json", data, output_dir=str(out / "run"), deepspeed=ZERO0)
         result = train(cfg, check=False)
     finally:
-        out.chmod(0o755)
+        parent.chmod(0o755)
     assert result.returncode == 3
-    assert error_lines(result) == [f"error: {out / 'run'}: Permission denied"]
+    assert error_lines(result) == [expected]
+    assert not cache.exists()   # nothing was read or cached
 
 
 # ----------------------------------------------------------------------------- the privacy guarantee

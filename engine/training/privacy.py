@@ -23,8 +23,7 @@ from __future__ import annotations
 import math
 import typing
 from collections import Counter
-from typing import Iterable
-from typing import Literal
+from typing import Iterable, Literal
 
 Accountant = Literal["prv", "rdp"]
 ACCOUNTANTS = typing.get_args(Accountant)
