@@ -20,7 +20,7 @@ from bench.train_step import MemdiffTrainStep
 from data_pipeline.config_schema import build
 from data_pipeline.dataset import PreparedData, data_config, prepare_dataset
 from data_pipeline.loaders import make_loader
-from engine.audit.scan import prompt_groups
+from engine.audit.planted_truth import prompt_groups
 from engine.diffusion.schedule import NoiseSchedule
 from engine.model.unet import ConditionalUNet, UNetConfig
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion.sampling import sample, seeded_noise, step_coefficients, timestep_sequence
+from engine.diffusion.sampling import sample, step_coefficients, timestep_sequence
 from engine.diffusion.schedule import (
     DiffusionConfig,
     NoiseSchedule,
@@ -17,6 +17,7 @@ from engine.diffusion.schedule import (
     q_sample,
     target_for,
 )
+from engine.diffusion.seeds import seeded_noise
 from engine.model import attention as attention_module
 from engine.model.attention import attention
 from engine.model.export import export_model, load_model
