@@ -42,6 +42,7 @@ from engine.audit.run_data import RealImages
 from engine.audit.scan import scan_prompts
 from engine.audit.similarity import pearson_normalize
 from engine.audit.wen_detector import DetectorSettings, mean_score
+from engine.diffusion.finite import require_finite
 from engine.model.export import load_model
 
 PIXEL_FEATURE_SIZE = 8
@@ -112,6 +113,7 @@ def detection_numbers(gen: Generations, threshold: float | None, threshold_from:
                       target_fpr: float) -> tuple[dict, list[dict]]:
     """Scores, the flagging threshold (given, or calibrated at `target_fpr` on the non-planted prompts),
     flagged fractions and planted-vs-negatives ROC per group; and one row per prompt."""
+    require_finite(gen.norms_rms, "audit: the conditional-noise magnitudes of the generations")
     groups = np.array(gen.groups)
     score = mean_score(torch.from_numpy(gen.norms_rms)).numpy().astype(np.float64)
     first = mean_score(torch.from_numpy(gen.norms_rms), (0, 1)).numpy().astype(np.float64)
