@@ -25,6 +25,7 @@ import sys
 
 import click
 import torch
+from tqdm import tqdm
 
 from data_pipeline.atomic_files import check_writable
 
@@ -62,6 +63,8 @@ def run(command: click.Command, args: list[str] | None = None) -> None:
     except USER_ERRORS as exc:
         if os.environ.get("MEMDIFF_TRACEBACK") == "1":
             raise
+        for bar in list(tqdm._instances):   # the failed work's progress bars end their line first
+            bar.close()
         click.echo(f"error: {one_line(exc)}", err=True)
         status = EXIT_REFUSED
     sys.exit(status if isinstance(status, int) else 0)

@@ -55,9 +55,9 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir: st
                  device: str = "cpu") -> Path:
     """Write the comparison page; returns the path of index.html."""
     runs = [Path(run_a), Path(run_b)]
+    infos = [_run_info(r) for r in runs]   # both runs' files checked before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    infos = [_run_info(r) for r in runs]
     labels = [f"{i['name']}" if infos[0]["name"] != infos[1]["name"] else f"{tag}: {i['name']}"
               for tag, i in zip("AB", infos)]
     plot_loss_curves({label: info["metrics"] for label, info in zip(labels, infos)}, out / "loss_curves.png",
