@@ -74,8 +74,8 @@ class Comparison:
 def scan_generations(loaded, prompt_list: PromptList, settings: DetectorSettings, out_dir: str, *,
                      manifest: dict | None, groups: list[str] | None = None, batch_prompts: int = 16,
                      progress: bool = True, description: str = "scan") -> Generations:
-    """Scan (resumably) into out_dir/scores.parquet with images under out_dir/images, read both back."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Scan (resumably) into out_dir/scores.parquet with images under out_dir/images, read both back
+    (out_dir is made by the scan's first write: a scan that fails first leaves nothing)."""
     groups = groups or prompt_groups(prompt_list.prompts, manifest) or ["ordinary"] * len(prompt_list.prompts)
     image_dir = os.path.join(out_dir, "images")
     res = scan_prompts(loaded, prompt_list, os.path.join(out_dir, "scores.parquet"), settings,
