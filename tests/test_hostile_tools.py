@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -569,6 +570,16 @@ def test_a_read_only_default_output_is_refused_before_training(run_dir, tmp_path
 
 
 # ----------------------------------------------------------------------------- pages
+
+# Every module of engine/reports that writes markup, each rendered below with markup in every field it shows.
+PAGES_TESTED = {"audit_report", "cfg_vs_nocfg", "comparison_page", "demo_index", "token_significance_page"}
+MARKUP = re.compile(r"<(html|table|h[1-4]|pre|ul|p|div|span)[ >]")
+
+
+def test_every_page_generator_is_rendered_with_hostile_input_here():
+    pages = {p.stem for p in (REPO / "engine" / "reports").glob("*.py") if MARKUP.search(p.read_text())}
+    assert pages == PAGES_TESTED, "a page generator without a hostile-input render test here: add one"
+
 
 def _assert_escaped(page: str, markers: list[str]) -> None:
     """No marker reached the page as markup, and each reached it escaped (the field was rendered)."""
