@@ -394,11 +394,11 @@ def _scan(run_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("tamper, expected", [
     (lambda c, w: c["unet"].update(base_channels=10 ** 9),
-     "{config}: unet.base_channels: expected even int in [4, 4096], got 1000000000"),
+     "{config}: unet.base_channels: expected even int in [4, 16384], got 1000000000"),
     (lambda c, w: c["unet"].update(num_res_blocks=10 ** 7),
      "{config}: unet.num_res_blocks: expected int in [1, 32], got 10000000"),
-    (lambda c, w: c["unet"].update(base_channels=4096, channel_mult=[64, 64]),   # 640 GB if it were built
-     "{weights}: tensor 'time_mlp.0.weight' has shape [32, 8], the network of {config} needs [16384, 4096]"),
+    (lambda c, w: c["unet"].update(base_channels=16384, channel_mult=[16, 16]),   # petabytes if it were built
+     "{weights}: tensor 'time_mlp.0.weight' has shape [32, 8], the network of {config} needs [65536, 16384]"),
     (lambda c, w: c["diffusion"].update(num_timesteps=10 ** 12),
      "{config}: diffusion.num_timesteps: expected int in [2, 100000], got 1000000000000"),
     (lambda c, w: w.pop("conv_in.weight"),

@@ -31,7 +31,7 @@ def _in_range(default: int, low: int, high: int):
 # Upper bounds far above any model this project trains (the GPU config: 128 channels x (1, 2, 3, 4)),
 # so that a tampered or mistyped size is refused while reading the config, before the network is
 # built: num_res_blocks 10**7 would otherwise build modules until memory runs out.
-MAX_CHANNELS, MAX_MULT, MAX_LEVELS, MAX_BLOCKS = 4096, 64, 8, 32
+MAX_CHANNELS, MAX_MULT, MAX_LEVELS, MAX_BLOCKS = 16384, 16, 8, 32
 
 
 @dataclass(frozen=True)
