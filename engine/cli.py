@@ -63,7 +63,7 @@ def run(command: click.Command, args: list[str] | None = None) -> None:
     except USER_ERRORS as exc:
         if os.environ.get("MEMDIFF_TRACEBACK") == "1":
             raise
-        for bar in list(tqdm._instances):   # the failed work's progress bars end their line first
+        for bar in list(getattr(tqdm, "_instances", ())):   # the failed work's progress bars end their line first
             bar.close()
         click.echo(f"error: {one_line(exc)}", err=True)
         status = EXIT_REFUSED
