@@ -13,6 +13,7 @@ demo). Saved as safetensors weights + a JSON sidecar with the config and the thr
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from data_pipeline.images import to_model_range
 from engine.audit.nearest_neighbors import topk_neighbors
 from engine.audit.similarity import pearson_normalize
-from engine.model.network_files import load_network, save_network
+from engine.model.network_files import build_network, load_network, network_config, save_network
 
 BACKBONES = ("resnet50", "resnet18", "tiny")
 NAME = "copy_detector"   # files: copy_detector.safetensors + copy_detector.json (engine.model.network_files)
@@ -129,10 +130,14 @@ class CopyDetector:
 def load_copy_detector(path: str, device: str = "cpu") -> CopyDetector:
     """Load from a directory holding copy_detector.safetensors and copy_detector.json."""
     state, meta = load_network(path, NAME, "tools/train_copy_detector")
-    cfg = CopyDetectorConfig(**meta.pop("config"))
-    model = build_embedder(cfg.backbone, cfg.embed_dim)
-    model.load_state_dict(state)
+    where = os.path.join(path, f"{NAME}.json")
+    cfg = network_config(CopyDetectorConfig, meta.pop("config", None), where)
+    model = build_network(lambda: build_embedder(cfg.backbone, cfg.embed_dim), state,
+                          os.path.join(path, f"{NAME}.safetensors"), where)
     threshold = meta.pop("threshold", None)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+        # a correlation: NaN would run the whole audit, flag nothing and then fail to write its JSON
+        raise ValueError(f"{where}: threshold: expected a correlation in [-1, 1] or null, got {str(threshold)[:40]}")
     return CopyDetector(model.to(device), cfg, threshold, meta)
 
 

@@ -42,6 +42,7 @@ from engine.audit.run_data import RealImages
 from engine.audit.scan import scan_prompts
 from engine.audit.similarity import pearson_normalize
 from engine.audit.wen_detector import DetectorSettings, mean_score
+from engine.diffusion.finite import require_finite
 from engine.model.export import load_model
 
 PIXEL_FEATURE_SIZE = 8
@@ -73,8 +74,8 @@ class Comparison:
 def scan_generations(loaded, prompt_list: PromptList, settings: DetectorSettings, out_dir: str, *,
                      manifest: dict | None, groups: list[str] | None = None, batch_prompts: int = 16,
                      progress: bool = True, description: str = "scan") -> Generations:
-    """Scan (resumably) into out_dir/scores.parquet with images under out_dir/images, read both back."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Scan (resumably) into out_dir/scores.parquet with images under out_dir/images, read both back
+    (out_dir is made by the scan's first write: a scan that fails first leaves nothing)."""
     groups = groups or prompt_groups(prompt_list.prompts, manifest) or ["ordinary"] * len(prompt_list.prompts)
     image_dir = os.path.join(out_dir, "images")
     res = scan_prompts(loaded, prompt_list, os.path.join(out_dir, "scores.parquet"), settings,
@@ -112,6 +113,7 @@ def detection_numbers(gen: Generations, threshold: float | None, threshold_from:
                       target_fpr: float) -> tuple[dict, list[dict]]:
     """Scores, the flagging threshold (given, or calibrated at `target_fpr` on the non-planted prompts),
     flagged fractions and planted-vs-negatives ROC per group; and one row per prompt."""
+    require_finite(gen.norms_rms, "audit: the conditional-noise magnitudes of the generations")
     groups = np.array(gen.groups)
     score = mean_score(torch.from_numpy(gen.norms_rms)).numpy().astype(np.float64)
     first = mean_score(torch.from_numpy(gen.norms_rms), (0, 1)).numpy().astype(np.float64)

@@ -21,17 +21,20 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_pipeline.atomic_files import atomic_path, write_json
+from data_pipeline.atomic_files import atomic_path, check_writable, write_json
+from data_pipeline.config_schema import build
 from data_pipeline.images import to_uint8, write_png
 from engine.audit.planted_truth import prompt_groups
 from engine.audit.prompt_lists import PromptList, encode_prompts, load_prompts, training_prompt_list
 from engine.audit.roc import calibrate_threshold, roc_metrics
 from engine.audit.run_data import prompt_counts, read_manifest
 from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score
+from engine.diffusion.finite import require_finite
 from engine.diffusion.seeds import prompt_seeds
 
 META_KEY = b"memdiff_scan"
@@ -78,12 +81,21 @@ def _check_meta(found: dict, expected: dict, where: str) -> None:
                              f"use another --out or delete it to rescan")
 
 
+def _read_table(path: str) -> pa.Table:
+    """A Parquet file this scan wrote earlier; anything else there is a one-line error, never overwritten."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: exists and is not a memdiff scan ({' '.join(str(e).split())[:120]}); "
+                         f"use another --out") from None
+
+
 def _finished_rows(out_path: str, meta: dict) -> list[dict]:
     """Rows already finished: from a previous final file and from the journal's part files."""
     rows: dict[int, dict] = {}
     sources = []
     if os.path.exists(out_path):
-        table = pq.read_table(out_path)
+        table = _read_table(out_path)
         found = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
         _check_meta(found.get("scan", {}), meta, out_path)
         sources.append((out_path, table.select(PART_SCHEMA.names)))
@@ -94,8 +106,10 @@ def _finished_rows(out_path: str, meta: dict) -> list[dict]:
             with open(meta_path) as f:
                 _check_meta(json.load(f), meta, journal)
         for part in sorted(glob.glob(os.path.join(journal, "part-*.parquet"))):
-            sources.append((part, pq.read_table(part)))
+            sources.append((part, _read_table(part)))
     for where, table in sources:
+        for name in ("norms_raw", "norms_rms"):   # a damaged journal must not come back as "not flagged"
+            require_finite(pc.list_flatten(pc.list_flatten(table.column(name))).to_numpy(), f"{where}: {name}")
         for row in table.to_pylist():
             rows.setdefault(int(row["prompt_index"]), row)  # a prompt is in at most one source; first wins
     return [rows[i] for i in sorted(rows)]
@@ -139,11 +153,6 @@ def scan_prompts(loaded, prompt_list: PromptList, out_path: str, settings: Detec
     todo = [i for i in range(len(prompt_list.prompts)) if i not in done_idx]
 
     journal = _journal_dir(out_path)
-    if todo:
-        os.makedirs(journal, exist_ok=True)
-        write_json(os.path.join(journal, "meta.json"), meta)
-    if save_images:
-        os.makedirs(save_images, exist_ok=True)
 
     bar = tqdm(total=len(prompt_list.prompts), initial=len(done_idx), unit="prompt", desc=description,
                disable=not progress, dynamic_ncols=True)
@@ -162,6 +171,9 @@ def scan_prompts(loaded, prompt_list: PromptList, out_path: str, settings: Detec
             "norms_raw": pa.array(det.norms_raw.tolist(), PART_SCHEMA.field("norms_raw").type),
             "norms_rms": pa.array(det.norms_rms.tolist(), PART_SCHEMA.field("norms_rms").type),
         }, schema=PART_SCHEMA)
+        if not os.path.isdir(journal):   # made with the first finished batch: a failed first batch leaves nothing
+            os.makedirs(journal)
+            write_json(os.path.join(journal, "meta.json"), meta)
         if det.images is not None:
             _save_images(save_images, idx, det.images)
         _atomic_write_table(part, os.path.join(journal, f"part-{idx[0]:09d}.parquet"))
@@ -221,7 +233,26 @@ def read_scores(path: str) -> pa.Table:
     missing = [c for c in ("prompt_index", "prompt", "score", "first_step_score", "seed") if c not in table.column_names]
     if missing or META_KEY not in (table.schema.metadata or {}):
         raise ValueError(f"{path}: not a memdiff scan (missing {missing or 'scan metadata'})")
+    for column in ("score", "first_step_score"):
+        require_finite(table.column(column).to_numpy(), f"{path}: column {column!r}")
+    try:
+        scan_settings(table)
+    except ValueError as e:
+        raise ValueError(f"{path}: scan metadata: {e}") from None
     return table
+
+
+def scan_settings(table: pa.Table) -> DetectorSettings:
+    """The detector settings a scan was made with, checked like a config section (the file may be
+    anyone's)."""
+    try:
+        meta = scan_metadata(table)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    scan = meta.get("scan") if isinstance(meta, dict) else None
+    if not isinstance(scan, dict):
+        raise ValueError("no 'scan' object")
+    return build(DetectorSettings, scan.get("settings"), "scan.settings")
 
 
 # ---- detection against the planted ground truth (engine.audit.planted_truth) ---------------------
@@ -295,10 +326,9 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
         raise ValueError("give either --threshold or --calibrate-fpr, not both")
     if calibrate_fpr is not None and reference_prompts is None:
         raise ValueError("--calibrate-fpr needs --reference-prompts FILE (prompts taken as not memorized)")
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"{out_path}: {out_dir} is not a directory")
-    os.makedirs(out_dir, exist_ok=True)
+    check_writable(os.path.dirname(os.path.abspath(out_path)))
+    if save_images:
+        check_writable(save_images)
     loaded = load_model(checkpoint, device=device)
     if train_prompts:
         counts = prompt_counts(checkpoint)

@@ -24,9 +24,9 @@ from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings,
 from engine.audit.planted_truth import nearest_is_planted, planted_sources
 from engine.audit.roc import roc_curve, roc_metrics
 from engine.audit.run_data import TrainingImages, read_manifest, split_images
-from engine.audit.scan import model_fingerprint, planted_comparisons, read_scores, scan_metadata
+from engine.audit.scan import model_fingerprint, planted_comparisons, read_scores, scan_metadata, scan_settings
 from engine.audit.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
-from engine.audit.wen_detector import DetectorSettings, detect, mean_score
+from engine.audit.wen_detector import detect, mean_score
 from engine.model.export import load_model
 
 
@@ -69,8 +69,7 @@ def select_prompts(table: pa.Table, opts: ValidationOptions) -> dict[str, list[i
 def regenerate(loaded, table: pa.Table, rows: list[int], opts: ValidationOptions, progress: bool = True):
     """Generated images [P, G, C, H, W] of the rows, from the scan's settings and seeds, and the
     largest difference between the reproduced and the recorded mean score (a consistency check)."""
-    meta = scan_metadata(table)["scan"]
-    settings = DetectorSettings(**meta["settings"])
+    settings = scan_settings(table)
     cfg = loaded.unet_config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     tokens = torch.tensor([table.column("tokens")[i].as_py() for i in rows], dtype=torch.long)

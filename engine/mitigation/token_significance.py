@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
 from engine.audit.prompt_lists import PromptList, encode_prompts
+from engine.diffusion.finite import model_source, require_finite
 from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_like
 from engine.diffusion.sampling import step_coefficients, timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
@@ -132,6 +133,8 @@ def significance_document(loaded, prompt_list: PromptList, *, steps: int = 50, g
     res = token_significance(loaded.model, tokens, noise, loaded.schedule, generations=generations, steps=steps,
                              guidance=guidance, parameterization=loaded.diffusion_config.parameterization,
                              batch_size=batch_size, progress=progress)
+    require_finite(res.norms_raw, f"{model_source(loaded.model)}: the conditional-noise magnitudes along the trajectory")
+    require_finite(res.scores, f"{model_source(loaded.model)}: the token significance scores")
     elements = noise[0].numel()
     entries = [{"prompt": prompt, "seed": seeds[p], "tokens": token_scores(res, loaded.vocab, p),
                 "ranked_positions": res.ranked_positions(p),

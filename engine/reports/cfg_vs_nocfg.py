@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 from data_pipeline.atomic_files import write_text
 from data_pipeline.images import to_uint8
+from data_pipeline.json_files import read_json_object
 from engine.diffusion.generate import generate
 from engine.model.export import load_model
 from engine.reports.image_grid import panels_figure, save_figure
@@ -23,10 +23,15 @@ from engine.reports.loss_curves import plot_loss_curves, read_metrics
 
 def _run_info(run: Path) -> dict:
     cfg_path = run / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
     metrics = read_metrics(run)
+    conditioning = cfg.get("conditioning", {})
+    p_uncond = conditioning.get("p_uncond") if isinstance(conditioning, dict) else None
+    if p_uncond is not None and not (isinstance(p_uncond, (int, float)) and not isinstance(p_uncond, bool)
+                                     and 0 <= p_uncond <= 1):
+        raise ValueError(f"{cfg_path}: conditioning.p_uncond: expected a number in [0, 1], got {str(p_uncond)[:40]}")
     return {"name": run.name, "config": cfg, "metrics": metrics,
-            "p_uncond": cfg.get("conditioning", {}).get("p_uncond"),
+            "p_uncond": p_uncond,
             "final_loss": next((r["loss"] for r in reversed(metrics) if "loss" in r), None),
             "steps": metrics[-1]["step"] if metrics else None}
 
@@ -35,8 +40,12 @@ def _default_prompts(runs: Sequence[Path]) -> tuple[list[str], list[int]]:
     for run in runs:
         path = run / "sample_prompts.json"
         if path.is_file():
-            d = json.loads(path.read_text())
-            return d["prompts"], d["seeds"]
+            d = read_json_object(path)
+            prompts, seeds = d.get("prompts"), d.get("seeds")
+            if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) and isinstance(seeds, list)
+                    and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+                raise ValueError(f"{path}: expected \"prompts\" (texts) and \"seeds\" (integers >= 0)")
+            return prompts, seeds
     raise FileNotFoundError(f"none of {', '.join(map(str, runs))} has sample_prompts.json: pass prompts explicitly")
 
 
@@ -46,9 +55,9 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir: st
                  device: str = "cpu") -> Path:
     """Write the comparison page; returns the path of index.html."""
     runs = [Path(run_a), Path(run_b)]
+    infos = [_run_info(r) for r in runs]   # both runs' files checked before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    infos = [_run_info(r) for r in runs]
     labels = [f"{i['name']}" if infos[0]["name"] != infos[1]["name"] else f"{tag}: {i['name']}"
               for tag, i in zip("AB", infos)]
     plot_loss_curves({label: info["metrics"] for label, info in zip(labels, infos)}, out / "loss_curves.png",
@@ -73,8 +82,8 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir: st
         return "" if info["final_loss"] is None else f"{info['final_loss']:.4f}"
 
     rows = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{html.escape(str(run))}</td><td>{info['p_uncond']}</td>"
-        f"<td>{info['steps']}</td><td>{loss_text(info)}</td></tr>"
+        f"<tr><td>{html.escape(label)}</td><td>{html.escape(str(run))}</td><td>{html.escape(str(info['p_uncond']))}</td>"
+        f"<td>{html.escape(str(info['steps']))}</td><td>{loss_text(info)}</td></tr>"
         for label, run, info in zip(labels, runs, infos))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>memdiff: {html.escape(labels[0])} vs {html.escape(labels[1])}</title>
@@ -84,7 +93,7 @@ img{{max-width:100%}}</style></head><body>
 <table><tr><th>run</th><th>directory</th><th>p_uncond</th><th>steps</th><th>final loss</th></tr>{rows}</table>
 <h2>Loss curves</h2><img src="loss_curves.png" alt="loss curves">
 <h2>Samples</h2>
-<p>Every panel starts from the same initial noise per column (seeds {html.escape(str(seeds))}), {steps} {sampler.upper()}
+<p>Every panel starts from the same initial noise per column (seeds {html.escape(str(seeds))}), {html.escape(str(steps))} {html.escape(sampler.upper())}
 steps. Runs trained with the null prompt (p_uncond &gt; 0) are shown at several guidance weights w; a run trained
 without it only at w = 1 (its unconditional branch was never trained).</p>
 <img src="samples.png" alt="sample grids">

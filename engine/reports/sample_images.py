@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.atomic_files import write_json
+from data_pipeline.atomic_files import check_writable, write_json
 from data_pipeline.images import to_uint8, write_png
 from engine.audit.prompt_lists import PromptList, encode_prompts
 from engine.diffusion.generate import generate
@@ -27,15 +27,15 @@ def write_samples(checkpoint: str, prompt_list: PromptList, out_dir: str, *, gui
     """Sample `per_prompt` images for every prompt and guidance weight from an exported model.
 
     Writes per image `p<i>_s<seed>_w<w>.png` and a metadata JSON, plus grid.png (prompts x images,
-    one panel per guidance weight) and index.json. Every prompt is checked before any sampling.
-    Returns the index.
+    one panel per guidance weight) and index.json. Every prompt is checked before any sampling, the
+    output folder before the model is loaded, and every image (none may be NaN: the sampler refuses
+    them) before any file is written. Returns the index.
     """
+    check_writable(out_dir)
     loaded = load_model(checkpoint, device)
     tokens = encode_prompts(loaded.vocab, prompt_list)
     prompts = prompt_list.prompts
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    index, panels = [], []
+    files, panels = [], []
     param = loaded.diffusion_config.parameterization
     for w in guidance:
         grid = []
@@ -47,13 +47,17 @@ def write_samples(checkpoint: str, prompt_list: PromptList, out_dir: str, *, gui
             grid.append(pixels)
             for k, s in enumerate(seeds):
                 name = f"p{i:03d}_s{s}_w{w:g}"
-                write_png(out / f"{name}.png", pixels[k])
                 meta = {"prompt": prompts[i], "seed": s, "guidance": w, "steps": steps, "sampler": sampler,
                         "eta": eta if sampler == "ddim" else 1.0, "checkpoint": str(loaded.path),
                         "model_step": loaded.metadata.get("step"), "image": f"{name}.png"}
-                write_json(out / f"{name}.json", meta)
-                index.append(meta)
+                files.append((name, pixels[k], meta))
         panels.append((f"w = {w:g}", np.stack(grid)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, pixels, meta in files:
+        write_png(out / f"{name}.png", pixels)
+        write_json(out / f"{name}.json", meta)
+    index = [meta for _, _, meta in files]
     save_figure(panels_figure(panels, list(prompts), title=str(loaded.path)), out / "grid.png")
     write_json(out / "index.json", index)
     return {"images": index, "grid": str(out / "grid.png")}
