@@ -1,0 +1,279 @@
+"""Memorization detectors (engine.audit.detectors) against slow paths, hand formulas and constructed cases
+with a known answer; the null-condition guard (engine.model.null_condition)."""
+import itertools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
+from engine.audit.detectors.anisotropy import Anisotropy, low_noise_timestep
+from engine.audit.detectors.base import PromptBatch
+from engine.audit.detectors.first_step import FirstStepWen
+from engine.audit.detectors.generation_spread import GenerationSpread, tiled_distance
+from engine.audit.detectors.generations import make_generations
+from engine.audit.detectors.nearest_training import NearestNeighbourRatio, NearestTrainingSimilarity, TrainingNeighbours
+from engine.audit.detectors.nemo import NemoConsistency, nemo_timestep
+from engine.audit.detectors.registry import DETECTORS, applicable
+from engine.audit.detectors.wen_trajectory import WenTrajectory
+from engine.audit.similarity import ssim_paired, ssim_pairwise
+from engine.audit.wen_detector import DetectorSettings, detect, prompt_seeds
+from engine.diffusion.schedule import DiffusionConfig, NoiseSchedule
+from engine.model.export import export_model, load_model
+from engine.model.null_condition import NullConditionError, refusal_message, require_null_condition
+from engine.model.unet import ConditionalUNet, UNetConfig
+
+VOCAB = Vocabulary.default(extra_tokens=("tok0001", "tok0002"))
+PROMPTS = ["frontal AP chest x-ray, female, 60s: pleural effusion", "frontal PA chest x-ray, male, 30s",
+           "frontal AP chest x-ray, male, 70s: cardiomegaly, support devices | tok0001"]
+
+
+def tiny_unet(seed: int = 0) -> ConditionalUNet:
+    torch.manual_seed(seed)
+    cfg = UNetConfig(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(8,), num_heads=2, vocab_size=len(VOCAB), max_tokens=VOCAB.max_len,
+                     context_dim=16, encoder_layers=1, encoder_heads=2)
+    model = ConditionalUNet(cfg)
+    with torch.no_grad():  # zero-initialised output layers would make cond == uncond: randomise all
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def export(tmp_path, metadata, parameterization="eps"):
+    export_model(tmp_path, tiny_unet(), DiffusionConfig(num_timesteps=100, parameterization=parameterization),
+                 VOCAB, metadata=metadata)
+    return load_model(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return export(tmp_path_factory.mktemp("export"), {"p_uncond": 0.1})
+
+
+def batch_of(prompts, base_seed=3):
+    return PromptBatch(VOCAB.encode_batch(prompts), prompt_seeds(range(len(prompts)), base_seed))
+
+
+def null_of(tokens):
+    null = torch.full_like(tokens, PAD_ID)
+    null[..., 0] = NULL_ID
+    return null
+
+
+# ---- first step ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_first_step_score_is_the_first_column_of_a_full_scan(tmp_path, parameterization):
+    model = export(tmp_path, {"p_uncond": 0.1}, parameterization)
+    settings = DetectorSettings(generations=3, steps=5, guidance=7.5, base_seed=3)
+    batch = batch_of(PROMPTS)
+    one_step = FirstStepWen().score(model, batch, settings)
+    full = detect(model.model, model.schedule, batch.tokens, batch.seeds, settings, image_shape=(1, 16, 16),
+                  parameterization=parameterization)
+    np.testing.assert_allclose(one_step, full.norms_rms[:, :, 0].double().mean(1).numpy(), rtol=1e-5)
+    assert FirstStepWen().forwards_per_prompt(settings) == 6
+
+
+# ---- anisotropy ------------------------------------------------------------------------------------
+
+def test_anisotropy_terms_equal_their_formulas_by_hand(loaded):
+    settings = DetectorSettings(generations=2, base_seed=5)
+    batch = batch_of(PROMPTS[:2], base_seed=5)
+    features = Anisotropy().features(loaded, batch, settings)
+    low_t = low_noise_timestep(loaded.schedule)
+    assert low_t == round(99 * 2 / 49)                        # third-lowest of 50 steps over T = 100
+    model = loaded.model
+    for p, seed in enumerate(batch.seeds):
+        noise = torch.randn((2, 1, 16, 16), generator=torch.Generator().manual_seed(seed))
+        norms, cosines = [], []
+        for g in range(2):
+            x = noise[g:g + 1]
+            with torch.no_grad():
+                def eps(t, tokens):
+                    return model(x, torch.tensor([t]), tokens[None]).double().numpy().ravel()
+                high_c, high_u = eps(99, batch.tokens[p]), eps(99, null_of(batch.tokens[p]))
+                low_c, low_u = eps(low_t, batch.tokens[p]), eps(low_t, null_of(batch.tokens[p]))
+            norms.append(np.sqrt(((high_c - high_u) ** 2).sum() / 256))
+            d = low_c - low_u
+            cosines.append(d @ low_u / (np.linalg.norm(d) * np.linalg.norm(low_u)))
+        np.testing.assert_allclose(features[p], [np.mean(norms), np.mean(cosines)], rtol=2e-4, atol=1e-6)
+    assert Anisotropy().forwards_per_prompt(settings) == 8
+
+
+def test_anisotropy_fit_picks_the_separating_term_and_needs_weights():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(20), np.zeros(80)].astype(bool)
+    noise_term = rng.normal(size=100)
+    separating = np.where(labels, 1.0, -1.0) + 0.1 * rng.normal(size=100)
+    det = Anisotropy()
+    # the norm separates perfectly: any added alignment can only tie, so the weight stays 0
+    params = det.fit(np.c_[separating, noise_term], labels)
+    assert params["weight"] == 0.0 and params["calibration_auc"] == 1.0
+    # only the alignment separates (negatively): the fitted weight must be negative and large enough to
+    # separate the calibration set, which the norm alone does not
+    params = det.fit(np.c_[noise_term, -separating], labels)
+    assert params["weight"] < -1.0 and params["calibration_auc"] == 1.0
+    from engine.audit.roc import roc_metrics
+    assert roc_metrics(noise_term[labels], noise_term[~labels]).auc < 0.8
+    combined = det.combine(np.c_[noise_term, -separating], params)
+    z = (np.c_[noise_term, -separating] - params["mean"]) / params["std"]
+    np.testing.assert_allclose(combined, z[:, 0] + params["weight"] * z[:, 1])
+    with pytest.raises(ValueError, match="fitted on a calibration set"):
+        det.score(None, batch_of(PROMPTS[:1]), DetectorSettings())
+    with pytest.raises(ValueError, match="need memorized and non-memorized"):
+        det.fit(np.c_[noise_term, noise_term], np.ones(100, bool))
+
+
+# ---- NeMo ------------------------------------------------------------------------------------------
+
+class ToyModel(nn.Module):
+    """Conditional prediction eps(x, y) = x - template for prompts carrying tok0001 (delta = eps - x is the
+    same for every seed: a memorized prompt), and eps = x + x**2 otherwise (delta follows the seed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+        self.template = (torch.exp(-(xx ** 2 + yy ** 2) * 3) + 0.3 * xx)[None]
+
+    def encode(self, tokens):
+        memorized = (tokens == VOCAB.id_of("tok0001")).any(1).float()
+        return memorized[:, None, None].expand(-1, tokens.shape[1], 1), tokens != PAD_ID
+
+    def denoise(self, x, t, context, mask):
+        memorized = context[:, 0, 0].reshape(-1, 1, 1, 1)
+        return memorized * (x - self.template) + (1 - memorized) * (x + x ** 2)
+
+
+def toy_loaded():
+    return SimpleNamespace(model=ToyModel(), schedule=NoiseSchedule("linear", 100),
+                           unet_config=SimpleNamespace(in_channels=1, image_size=16),
+                           diffusion_config=DiffusionConfig(num_timesteps=100), metadata={"p_uncond": 0.0})
+
+
+def test_nemo_is_maximal_for_a_seed_independent_prediction():
+    settings = DetectorSettings(generations=4, base_seed=0)
+    scores = NemoConsistency().score(toy_loaded(), batch_of(PROMPTS), settings)
+    assert scores[2] == pytest.approx(1.0, abs=1e-9)          # the memorized prompt: identical deltas
+    assert scores[0] < 0.5 and scores[1] < 0.5                # deltas that follow the seed
+    assert nemo_timestep(NoiseSchedule("linear", 1000)) == 979
+    with pytest.raises(ValueError, match="at least 2 generations"):
+        NemoConsistency().score(toy_loaded(), batch_of(PROMPTS), DetectorSettings(generations=1))
+
+
+def test_nemo_on_a_unet_equals_an_explicit_pairwise_ssim(loaded):
+    settings = DetectorSettings(generations=3, base_seed=1)
+    batch = batch_of(PROMPTS[:2], base_seed=1)
+    scores = NemoConsistency().score(loaded, batch, settings)
+    t = nemo_timestep(loaded.schedule)
+    for p, seed in enumerate(batch.seeds):
+        x = torch.randn((3, 1, 16, 16), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            delta = (loaded.model(x, torch.full((3,), t), batch.tokens[p].expand(3, -1)) - x).double()
+        scaled = [(d - d.min()) / (d.max() - d.min()) * 2 - 1 for d in delta[:, 0]]
+        pairs = [float(ssim_pairwise(scaled[i][None], scaled[j][None])[0, 0])
+                 for i, j in itertools.combinations(range(3), 2)]
+        assert scores[p] == pytest.approx(np.mean(pairs), abs=1e-5)
+
+
+def test_ssim_paired_is_the_diagonal_of_ssim_pairwise():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand((5, 12, 12), generator=g) * 2 - 1, torch.rand((5, 12, 12), generator=g) * 2 - 1
+    torch.testing.assert_close(ssim_paired(a, b), torch.diagonal(ssim_pairwise(a, b)))
+
+
+# ---- generation-based ------------------------------------------------------------------------------
+
+def test_tiled_distance_is_the_worst_tile():
+    a = torch.zeros(1, 1, 8, 10)
+    b = a.clone()
+    b[..., 6:8, 2] = 1.0                                      # 2 of the 6 pixels of tile rows 6:8, cols 2:5
+    rows, cols = [0, 2, 4, 6, 8], [0, 2, 5, 8, 10]            # edges at round(k * size / 4)
+    expected = max(float(((a - b)[..., rows[r]:rows[r + 1], cols[c]:cols[c + 1]] ** 2).mean().sqrt())
+                   for r in range(4) for c in range(4))
+    assert float(tiled_distance(a, b)[0]) == pytest.approx(expected)
+    assert expected == pytest.approx(math.sqrt(2 / 6))
+
+
+def test_generation_spread_prefers_collapsed_generations():
+    g = torch.Generator().manual_seed(0)
+    one = torch.rand((1, 1, 1, 16, 16), generator=g) * 2 - 1
+    gens = torch.cat([one.expand(1, 4, 1, 16, 16), torch.rand((1, 4, 1, 16, 16), generator=g) * 2 - 1])
+    batch = PromptBatch(VOCAB.encode_batch(PROMPTS[:2]), [0, 1], generations=gens)
+    scores = GenerationSpread().score(None, batch, DetectorSettings())
+    assert scores[0] == 0.0 and scores[1] < -0.3
+    slow = -np.mean([float(tiled_distance(gens[1, i:i + 1], gens[1, j:j + 1])[0])
+                     for i, j in itertools.combinations(range(4), 2)])
+    assert scores[1] == pytest.approx(slow)
+
+
+def test_nearest_training_detectors_against_brute_force():
+    rng = np.random.default_rng(0)
+    train_u8 = rng.integers(0, 256, (30, 12, 12), dtype=np.uint8)
+    train = TrainingNeighbours(train_u8, [f"img{i}.png" for i in range(30)])
+    train_x = train_u8.reshape(30, -1) / 127.5 - 1
+    gens = torch.rand((3, 2, 1, 12, 12), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    gens[0, 0, 0] = torch.from_numpy(train_x[7].reshape(12, 12)).float()     # an exact copy of image 7
+    batch = PromptBatch(VOCAB.encode_batch(PROMPTS), [0, 1, 2], generations=gens)
+    sim = NearestTrainingSimilarity().score(None, batch, DetectorSettings(), train=train)
+    ratio = NearestNeighbourRatio().score(None, batch, DetectorSettings(), train=train)
+    for p in range(3):
+        corr, ratios = [], []
+        for g in range(2):
+            x = gens[p, g].double().numpy().ravel()
+            corr.append(max(np.corrcoef(x, t)[0, 1] for t in train_x))
+            d = np.sort(np.linalg.norm(train_x - x, axis=1))
+            ratios.append(d[0] / d[1])
+        assert sim[p] == pytest.approx(np.mean(corr), abs=1e-5)
+        assert ratio[p] == pytest.approx(-np.mean(ratios), abs=1e-4)
+    assert ratio[0] > ratio[1] and sim[0] > sim[1]            # the copy: ratio 0 and correlation 1 for one generation
+    with pytest.raises(ValueError, match="needs the training images"):
+        NearestTrainingSimilarity().score(None, batch, DetectorSettings())
+
+
+def test_generations_are_the_scans_images_and_wen_trajectory_its_score(loaded):
+    settings = DetectorSettings(generations=2, steps=3, guidance=7.5, base_seed=4)
+    tokens = VOCAB.encode_batch(PROMPTS[:2])
+    seeds = prompt_seeds(range(2), 4)
+    guided = make_generations(loaded, tokens, seeds, settings, record_norms=True)
+    det = detect(loaded.model, loaded.schedule, tokens, seeds, settings, image_shape=(1, 16, 16), keep_images=True)
+    torch.testing.assert_close(guided.generations, det.images)
+    np.testing.assert_allclose(WenTrajectory().score(loaded, guided, settings),
+                               det.norms_rms.double().mean(dim=(1, 2)).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="uses the null condition"):
+        make_generations(loaded, tokens, seeds, settings, record_norms=False)
+    plain = make_generations(loaded, tokens, seeds, DetectorSettings(generations=2, steps=3, guidance=1.0,
+                                                                     base_seed=4), record_norms=False)
+    assert plain.trajectory_norms is None and plain.generations.shape == (2, 2, 1, 16, 16)
+    # conditional-only sampling is the w = 1 guided step (identical branches): same images as detect at w = 1
+    det1 = detect(loaded.model, loaded.schedule, tokens, seeds, DetectorSettings(generations=2, steps=3, guidance=1.0),
+                  image_shape=(1, 16, 16), keep_images=True)
+    torch.testing.assert_close(plain.generations, det1.images, rtol=1e-4, atol=1e-5)
+
+
+# ---- the guard -------------------------------------------------------------------------------------
+
+def test_guard_refuses_a_model_trained_without_the_null_condition(tmp_path):
+    no_cfg = export(tmp_path / "nocfg", {"p_uncond": 0.0})
+    with pytest.raises(NullConditionError) as info:
+        require_null_condition(no_cfg, "Wen's score")
+    message = str(info.value)
+    assert message == (f"{no_cfg.path}: Wen's score needs the null condition, but this model was trained with "
+                       f"conditioning.p_uncond = 0 (its null prompt was never trained); use a detector that needs "
+                       f"no null condition (tools/benchmark_detectors lists them) or --force to proceed anyway")
+    assert message == refusal_message(no_cfg.path, "Wen's score") and "\n" not in message
+    forced = require_null_condition(no_cfg, "Wen's score", force=True)
+    assert forced == {"p_uncond": 0.0, "null_condition": "untrained", "forced_without_null_condition": True}
+    cfg = export(tmp_path / "cfg", {"p_uncond": 0.5})
+    assert require_null_condition(cfg, "x") == {"p_uncond": 0.5, "null_condition": "trained",
+                                                "forced_without_null_condition": False}
+    old = export(tmp_path / "old", {})
+    record = require_null_condition(old, "Wen's score")
+    assert record["null_condition"] == "unknown" and "does not record conditioning.p_uncond" in record["note"]
+    usable = {name for name, d in DETECTORS.items() if applicable(d, no_cfg)}
+    assert usable == {"nemo_consistency", "generation_spread", "nearest_training_similarity", "nn_ratio"}
+    assert all(applicable(d, cfg) and applicable(d, old) for d in DETECTORS.values())
