@@ -277,3 +277,49 @@ def test_guard_refuses_a_model_trained_without_the_null_condition(tmp_path):
     usable = {name for name, d in DETECTORS.items() if applicable(d, no_cfg)}
     assert usable == {"nemo_consistency", "generation_spread", "nearest_training_similarity", "nn_ratio"}
     assert all(applicable(d, cfg) and applicable(d, old) for d in DETECTORS.values())
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------
+
+def test_v1_ground_truth_halves_planted_and_controls_and_hashes_ordinary_prompts():
+    from engine.audit.detector_benchmark import ground_truth
+    manifest = {"seed": 0, "planted": [{"token": f"plant{j:03d}"} for j in range(4)],
+                "controls": [{"token": f"ctrl{j:03d}"} for j in range(4)]}
+    prompts = ([f"frontal AP chest x-ray, male, 30s | plant{j:03d}" for j in range(4)]
+               + [f"frontal PA chest x-ray, {s}, {a} | ctrl{j:03d}" for j in range(4) for s, a in [("male", "20s")]]
+               + [f"frontal AP chest x-ray, female, {10 * d}s" for d in range(10)])
+    groups = ["planted"] * 4 + ["control"] * 4 + ["ordinary"] * 10
+    truth = ground_truth(prompts, groups, manifest)
+    assert truth.splits[:8] == ["calibration", "evaluation"] * 4
+    assert set(truth.splits[8:]) == {"calibration", "evaluation"}
+    assert ground_truth(prompts, groups, manifest).splits == truth.splits       # deterministic
+
+
+def test_benchmark_evaluates_on_the_evaluation_half_and_fits_on_the_calibration_half(loaded):
+    from engine.audit.detector_benchmark import GroundTruth, evaluate, run_detectors
+    from engine.audit.intervals import detection_summary
+    prompts = [f"frontal AP chest x-ray, {s}, {10 * d}s" for s in ("male", "female") for d in range(10)]
+    tokens = VOCAB.encode_batch(prompts)
+    settings = DetectorSettings(generations=2, steps=2, guidance=7.5, base_seed=0)
+    detectors = [DETECTORS["first_step_wen"], DETECTORS["anisotropy"], DETECTORS["wen_trajectory"]]
+    raw = run_detectors(loaded, tokens, settings, detectors, batch_prompts=7, progress=False)
+    # ground truth by construction: the 6 prompts with the highest first-step score are "planted"
+    first = raw["scores"]["first_step_wen"]
+    groups = np.where(np.argsort(np.argsort(-first)) < 6, "planted", "ordinary").tolist()
+    splits = ["calibration" if i % 2 == 0 else "evaluation" for i in range(20)]
+    records, scores = evaluate(raw, GroundTruth(groups, splits, "test"), detectors, settings, 20, n_boot=200)
+    ev = np.array(splits) == "evaluation"
+    pos, neg = ev & (np.array(groups) == "planted"), ev & (np.array(groups) != "planted")
+    for rec in records:
+        want = detection_summary(scores[rec["detector"]][pos], scores[rec["detector"]][neg], n_boot=200)
+        assert rec["auc"] == want.auc and rec["auc_ci"] == want.auc_ci and rec["tpr_ci"] == want.tpr_ci
+        assert (rec["n_positive"], rec["n_negative"]) == (int(pos.sum()), int(neg.sum()))
+        assert {"detector", "auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_ci", "n_positive", "n_negative",
+                "forwards_per_prompt", "prompts_per_s", "needs_null_condition"} <= set(rec)
+    assert records[0]["auc"] == 1.0                           # planted = top first-step scores, by construction
+    fitted = records[1]["fitted_params"]
+    cal = ~ev
+    assert (fitted["n_positive"], fitted["n_negative"]) == (int((cal & (np.array(groups) == "planted")).sum()),
+                                                            int((cal & (np.array(groups) != "planted")).sum()))
+    np.testing.assert_allclose(fitted["mean"], raw["features"]["anisotropy"][cal].mean(0))
+    assert [r["forwards_per_prompt"] for r in records] == [4, 8, 8]
