@@ -323,3 +323,33 @@ def test_benchmark_evaluates_on_the_evaluation_half_and_fits_on_the_calibration_
                                                             int((cal & (np.array(groups) != "planted")).sum()))
     np.testing.assert_allclose(fitted["mean"], raw["features"]["anisotropy"][cal].mean(0))
     assert [r["forwards_per_prompt"] for r in records] == [4, 8, 8]
+
+
+# ---- exposure --------------------------------------------------------------------------------------
+
+def test_exposure_aggregates_reproduced_training_images_per_image_and_patient(tmp_path):
+    import pyarrow.parquet as pq
+
+    from engine.audit.exposure import exposed_training_images, pixel_copy_threshold, write_exposure
+    from engine.reports.exposure import exposure_section_html
+    rng = np.random.default_rng(0)
+    train_u8 = rng.integers(0, 256, (10, 12, 12), dtype=np.uint8)
+    paths = [f"p{i // 2}/img{i}.png" for i in range(10)]
+    train = TrainingNeighbours(train_u8, paths)
+    as_model = lambda i: torch.from_numpy(train_u8[i] / 127.5 - 1).float()[None]  # noqa: E731
+    gens = torch.rand((3, 2, 1, 12, 12), generator=torch.Generator().manual_seed(2)) * 2 - 1
+    gens[0, 0], gens[0, 1], gens[2, 1] = as_model(3), as_model(3) * 0.9, as_model(8)   # image 3 twice, image 8 once
+    prompts = ["prompt a", "prompt b", "prompt <c>"]
+    rows = exposed_training_images(prompts, gens, train, threshold=0.8,
+                                   patient_ids={p: p.split("/")[0] for p in paths})
+    assert [(r["image_path"], r["patient_id"], r["times_reproduced"], r["prompts"]) for r in rows] == [
+        ("p1/img3.png", "p1", 2, ["prompt a"]), ("p4/img8.png", "p4", 1, ["prompt <c>"])]
+    assert rows[0]["max_correlation"] == pytest.approx(1.0, abs=1e-6)
+    table = write_exposure(rows, str(tmp_path / "exposure.parquet"), {"threshold": 0.8})
+    assert pq.read_table(tmp_path / "exposure.parquet").to_pylist() == table.to_pylist()
+    page = exposure_section_html(rows, {"threshold": 0.8, "n_flagged_prompts": 3, "generations": 2})
+    assert "prompt &lt;c&gt;" in page and "<c>" not in page
+    # Dar's rule in pixel space: the 95th percentile of the training images' best correlation to held-out ones
+    held = rng.integers(0, 256, (4, 12, 12), dtype=np.uint8)
+    best = [max(np.corrcoef(t.ravel().astype(float), h.ravel().astype(float))[0, 1] for h in held) for t in train_u8]
+    assert pixel_copy_threshold(train_u8, held) == pytest.approx(np.percentile(best, 95), abs=1e-5)
