@@ -353,3 +353,15 @@ def test_exposure_aggregates_reproduced_training_images_per_image_and_patient(tm
     held = rng.integers(0, 256, (4, 12, 12), dtype=np.uint8)
     best = [max(np.corrcoef(t.ravel().astype(float), h.ravel().astype(float))[0, 1] for h in held) for t in train_u8]
     assert pixel_copy_threshold(train_u8, held) == pytest.approx(np.percentile(best, 95), abs=1e-5)
+
+
+def test_fastest_batch_picks_the_measured_peak():
+    import time as _time
+
+    from engine.audit.batch_size import fastest_batch
+    # a workload whose cost per call is 1 ms + 0.25 ms per prompt up to 8 prompts, then 2 ms per prompt
+    cost = lambda b: 0.001 + (0.00025 * b if b <= 8 else 0.002 + 0.002 * b)  # noqa: E731
+    best, rates = fastest_batch(lambda b: _time.sleep(cost(b)), n_prompts=100, repeats=1)
+    assert best == 8
+    assert 16 in rates and 64 not in rates                     # stopped once clearly past the peak
+    assert fastest_batch(lambda b: None, n_prompts=3)[1].keys() <= {1, 2}
