@@ -31,7 +31,7 @@ from engine.diffusion.sampling import timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
 
 REFERENCE_STEPS = 50       # the reference's DDIM schedule length, from which its low-noise t is taken
-WEIGHT_GRID = np.linspace(-4.0, 4.0, 161)
+WEIGHT_GRID = np.round(np.linspace(-4.0, 4.0, 161), 3)
 
 
 def low_noise_timestep(schedule: NoiseSchedule) -> int:

@@ -42,7 +42,7 @@ class TrainingNeighbours:
             raise ValueError(f"training neighbours: {len(images_u8)} images but {len(paths)} paths")
         if len(images_u8) < 2:
             raise ValueError("training neighbours: need at least 2 training images")
-        self.images_u8 = np.asarray(images_u8)
+        self.images_u8 = np.array(images_u8)            # a copy: caches are read-only memory maps
         self.paths = list(paths)
         self.pixels = to_model_range(self.images_u8, channel_dim=False).flatten(1)      # [N, S*S] in [-1, 1]
         self.correlation_keys = pearson_normalize(self.pixels)
