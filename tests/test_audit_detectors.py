@@ -20,8 +20,9 @@ from engine.audit.detectors.nemo import NemoConsistency, nemo_timestep
 from engine.audit.detectors.registry import DETECTORS, applicable
 from engine.audit.detectors.wen_trajectory import WenTrajectory
 from engine.audit.similarity import ssim_paired, ssim_pairwise
-from engine.audit.wen_detector import DetectorSettings, detect, prompt_seeds
+from engine.audit.wen_detector import DetectorSettings, detect
 from engine.diffusion.schedule import DiffusionConfig, NoiseSchedule
+from engine.diffusion.seeds import prompt_seeds
 from engine.model.export import export_model, load_model
 from engine.model.null_condition import NullConditionError, refusal_message, require_null_condition
 from engine.model.unet import ConditionalUNet, UNetConfig
@@ -365,3 +366,103 @@ def test_fastest_batch_picks_the_measured_peak():
     assert best == 8
     assert 16 in rates and 64 not in rates                     # stopped once clearly past the peak
     assert fastest_batch(lambda b: None, n_prompts=3)[1].keys() <= {1, 2}
+
+
+# ---- the scan: guard, fast mode --------------------------------------------------------------------
+
+def make_run(root, p_uncond, n_images=6):
+    """A tiny training run: export (with p_uncond recorded), splits.json, planted manifest, PNG images."""
+    import json
+
+    from PIL import Image
+    export_model(root / "export", tiny_unet(), DiffusionConfig(num_timesteps=100), VOCAB,
+                 metadata={"p_uncond": p_uncond})
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n_images):
+        path = root / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    prompts = [f"frontal AP chest x-ray, {s}, {10 * d}s" for s in ("male", "female") for d in range(1, 10)]
+    prompts += [PROMPTS[2], "frontal PA chest x-ray, female, 20s | tok0002"]
+    records = [{"image_path": paths[i % (n_images - 1)], "prompt": p, "patient_id": f"pat{i % 3}"}
+               for i, p in enumerate(prompts)]
+    splits = {"data": {"image_size": 16, "cache_dir": str(root / "cache")},
+              "splits": {"train": records, "val": [{"image_path": paths[-1], "prompt": PROMPTS[0]}]}}
+    (root / "splits.json").write_text(json.dumps(splits))
+    (root / "planted_manifest.json").write_text(json.dumps(
+        {"planted": [{"token": "tok0001", "image_path": paths[0]}], "controls": [{"token": "tok0002"}]}))
+    return root, prompts
+
+
+def test_scan_refuses_a_model_without_null_condition_and_force_is_recorded(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from engine.audit.scan import scan_checkpoint, scan_metadata
+    run, _ = make_run(tmp_path / "run", 0.0)
+    settings = DetectorSettings(generations=1, steps=2)
+    out = tmp_path / "scores.parquet"
+    with pytest.raises(NullConditionError) as info:
+        scan_checkpoint(str(run), str(out), settings, train_prompts=True, progress=False, log=lambda m: None)
+    assert str(info.value) == refusal_message(load_model(run).path, "Wen's score (tools/scan_memorization)")
+    assert not out.exists()                                        # refused before any work
+    scan_checkpoint(str(run), str(out), settings, train_prompts=True, force=True, progress=False, log=lambda m: None)
+    assert scan_metadata(pq.read_table(out))["null_condition"]["forced_without_null_condition"] is True
+    metrics = json.loads((tmp_path / "scores.metrics.json").read_text())
+    assert metrics["null_condition"] == {"p_uncond": 0.0, "null_condition": "untrained",
+                                         "forced_without_null_condition": True}
+
+
+def test_fast_scan_confirms_the_top_with_the_full_scans_rows_and_resumes_from_its_journal(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.audit.fast_scan import FAST_PART_SCHEMA, FastSettings, fast_scan_checkpoint
+    from engine.audit.scan import model_fingerprint, scan_checkpoint, scan_metadata, write_scan_table
+    run, prompts = make_run(tmp_path / "run", 0.5)
+    settings = DetectorSettings(generations=2, steps=3, base_seed=7)
+    fast = FastSettings("first_step_wen", None, 0.15)
+    out = tmp_path / "fast.parquet"
+    # a journal left by an interrupted run: prompt 4's stage-1 score was already written (as a sentinel)
+    loaded = load_model(run)
+    meta = {"model": model_fingerprint(loaded), "settings": settings.to_dict(), "fast": fast.to_dict(),
+            "parameterization": "eps", "n_prompts": len(prompts)}
+    journal = tmp_path / "fast.parquet.parts"
+    journal.mkdir()
+    (journal / "fast-meta.json").write_text(json.dumps(meta))
+    write_scan_table(pa.table({"prompt_index": [4], "fast_score": [1e6]}, schema=FAST_PART_SCHEMA),
+                     str(journal / "fast-000000004.parquet"))
+    res = fast_scan_checkpoint(str(run), str(out), settings, fast, train_prompts=True, batch_prompts=5,
+                               progress=False, log=lambda m: None)
+    rows = res.table.to_pylist()
+    assert len(rows) == len(prompts) == 20 and not journal.exists()
+    full = scan_checkpoint(str(run), str(tmp_path / "full.parquet"), settings, train_prompts=True, progress=False,
+                           log=lambda m: None).table.to_pylist()
+    fast_scores = np.array([r["fast_score"] for r in rows])
+    expected = np.array([r["first_step_score"] for r in full], np.float64)
+    expected[4] = 1e6                                              # the journaled value is used, not recomputed
+    np.testing.assert_allclose(fast_scores, expected, rtol=1e-5)
+    top = sorted(np.argsort(-fast_scores, kind="stable")[:3].tolist())   # ceil(0.15 * 20) = 3
+    assert [r["prompt_index"] for r in rows if r["confirmed"]] == top and 4 in top
+    for r in rows:
+        if r["confirmed"]:
+            # the same seeds as the full scan; only the batch differs (float summation order)
+            np.testing.assert_allclose(r["norms_rms"], full[r["prompt_index"]]["norms_rms"], rtol=1e-4)
+            assert r["score"] == pytest.approx(full[r["prompt_index"]]["score"], rel=1e-4)
+            assert r["seed"] == full[r["prompt_index"]]["seed"] == 7 + r["prompt_index"]
+        else:
+            assert r["norms_rms"] is None and r["score"] is None and not r["flagged"]
+    assert {r["group"] for r in rows} == {"planted", "control", "ordinary"}
+    assert scan_metadata(res.table)["null_condition"]["null_condition"] == "trained"
+    assert "fast_score/planted_vs_all" not in res.metrics           # one planted prompt: no AUC interval
+    assert res.metrics["planted_confirmed"]["n"] == 1
+    # finished: a rerun scans nothing and only re-flags
+    again = fast_scan_checkpoint(str(run), str(out), settings, fast, train_prompts=True, batch_prompts=5,
+                                 threshold=-1.0, progress=False, log=lambda m: None)
+    assert again.n_scanned_now == 0
+    assert [r["flagged"] for r in again.table.to_pylist()] == [r["confirmed"] for r in rows]
+    assert pq.read_table(out).column("flagged").to_pylist() == [r["confirmed"] for r in rows]

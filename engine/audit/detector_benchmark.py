@@ -27,7 +27,8 @@ from engine.audit.detectors.generations import make_generations
 from engine.audit.detectors.registry import DETECTORS, applicable
 from engine.audit.intervals import detection_summary
 from engine.audit.roc import roc_curve
-from engine.audit.wen_detector import DetectorSettings, prompt_seeds
+from engine.audit.wen_detector import DetectorSettings
+from engine.diffusion.seeds import prompt_seeds
 from engine.model.null_condition import null_condition, require_null_condition
 
 SPLITS = ("calibration", "evaluation")
@@ -221,8 +222,10 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, settings: DetectorSettin
 
     from data_pipeline.atomic_files import atomic_path, write_json, write_text
     from engine.audit.detectors.nearest_training import TrainingNeighbours
+    from engine.audit.planted_truth import prompt_groups
+    from engine.audit.prompt_lists import encode_prompts, training_prompt_list
     from engine.audit.run_data import read_manifest, split_images, split_prompts
-    from engine.audit.scan import encode_prompts, prompt_groups, subsample_prompts, training_prompt_list
+    from engine.audit.scan import subsample_prompts
     from engine.model.export import load_model
     from engine.reports.detector_benchmark import render_benchmark_html
 
@@ -270,3 +273,20 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, settings: DetectorSettin
         pq.write_table(table, tmp)
     write_text(os.path.join(out_dir, "report.html"), render_benchmark_html(records, meta))
     return {"records": records, "meta": meta}
+
+
+def read_fitted_params(path: str, detector: str) -> dict:
+    """The weights a benchmark fitted for `detector`, from its detectors.json (a one-line error otherwise)."""
+    import json
+
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a detectors.json ({e})") from None
+    for rec in records if isinstance(records, list) else []:
+        if isinstance(rec, dict) and rec.get("detector") == detector:
+            if not rec.get("fitted_params"):
+                raise ValueError(f"{path}: detector {detector!r} has no fitted_params")
+            return rec["fitted_params"]
+    raise ValueError(f"{path}: no record of detector {detector!r} (is it a tools/benchmark_detectors output?)")

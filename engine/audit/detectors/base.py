@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from engine.audit.wen_detector import DetectorSettings
-from engine.diffusion.sampling import seeded_noise
+from engine.diffusion.seeds import prompt_noise
 
 
 @dataclass
@@ -104,7 +104,7 @@ def image_shape(loaded) -> tuple[int, int, int]:
 
 def initial_noise(loaded, seeds: list[int], generations: int) -> torch.Tensor:
     """Pure-noise inputs [P * G, C, H, W] (prompt-major) of the scan convention, on the model's device."""
-    return seeded_noise(seeds, (generations, *image_shape(loaded)), model_device(loaded.model)).flatten(0, 1)
+    return prompt_noise(seeds, generations, image_shape(loaded), model_device(loaded.model))
 
 
 def autocast_for(settings: DetectorSettings, device: torch.device):
