@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from engine.audit.wen_detector import DetectorSettings, detect
+
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -36,3 +38,15 @@ def fastest_batch(run: Callable[[int], None], n_prompts: int, candidates: tuple[
         if rates[b] < 0.7 * max(rates.values()) or spent > time_budget_s:
             break
     return max(rates, key=rates.get), rates
+
+
+def fastest_scan_batch(loaded, tokens, settings, n_prompts: int, time_budget_s: float = 10.0) -> tuple[int, dict]:
+    """The fastest prompts per forward for the full scan (engine.audit.wen_detector.detect), timed on ONE
+    guided step of the first prompts: every sampling step is the same network call, so the ranking of batch
+    sizes is the same for any number of steps."""
+    cfg = loaded.unet_config
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    one_step = DetectorSettings(**{**settings.to_dict(), "steps": 1})
+    return fastest_batch(lambda b: detect(loaded.model, loaded.schedule, tokens[:b], list(range(b)), one_step,
+                                          image_shape=shape, parameterization=loaded.diffusion_config.parameterization),
+                         n_prompts, time_budget_s=time_budget_s)
