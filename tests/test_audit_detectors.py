@@ -32,9 +32,9 @@ PROMPTS = ["frontal AP chest x-ray, female, 60s: pleural effusion", "frontal PA 
            "frontal AP chest x-ray, male, 70s: cardiomegaly, support devices | tok0001"]
 
 
-def tiny_unet(seed: int = 0) -> ConditionalUNet:
+def tiny_unet(seed: int = 0, size: int = 16) -> ConditionalUNet:
     torch.manual_seed(seed)
-    cfg = UNetConfig(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+    cfg = UNetConfig(image_size=size, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(8,), num_heads=2, vocab_size=len(VOCAB), max_tokens=VOCAB.max_len,
                      context_dim=16, encoder_layers=1, encoder_heads=2)
     model = ConditionalUNet(cfg)
@@ -371,23 +371,24 @@ def test_fastest_batch_picks_the_measured_peak():
 # ---- the scan: guard, fast mode --------------------------------------------------------------------
 
 def make_run(root, p_uncond, n_images=6):
-    """A tiny training run: export (with p_uncond recorded), splits.json, planted manifest, PNG images."""
+    """A tiny training run at 32 px (the image cache's smallest size): export (with p_uncond recorded),
+    splits.json, planted manifest, PNG images."""
     import json
 
     from PIL import Image
-    export_model(root / "export", tiny_unet(), DiffusionConfig(num_timesteps=100), VOCAB,
+    export_model(root / "export", tiny_unet(size=32), DiffusionConfig(num_timesteps=100), VOCAB,
                  metadata={"p_uncond": p_uncond})
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n_images):
         path = root / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(path)
         paths.append(str(path))
     prompts = [f"frontal AP chest x-ray, {s}, {10 * d}s" for s in ("male", "female") for d in range(1, 10)]
     prompts += [PROMPTS[2], "frontal PA chest x-ray, female, 20s | tok0002"]
     records = [{"image_path": paths[i % (n_images - 1)], "prompt": p, "patient_id": f"pat{i % 3}"}
                for i, p in enumerate(prompts)]
-    splits = {"data": {"image_size": 16, "cache_dir": str(root / "cache")},
+    splits = {"data": {"image_size": 32, "cache_dir": str(root / "cache")},
               "splits": {"train": records, "val": [{"image_path": paths[-1], "prompt": PROMPTS[0]}]}}
     (root / "splits.json").write_text(json.dumps(splits))
     (root / "planted_manifest.json").write_text(json.dumps(
@@ -466,3 +467,42 @@ def test_fast_scan_confirms_the_top_with_the_full_scans_rows_and_resumes_from_it
     assert again.n_scanned_now == 0
     assert [r["flagged"] for r in again.table.to_pylist()] == [r["confirmed"] for r in rows]
     assert pq.read_table(out).column("flagged").to_pylist() == [r["confirmed"] for r in rows]
+
+
+def test_validation_guard_and_exposed_training_images_of_flagged_prompts(tmp_path):
+    import pyarrow.parquet as pq
+
+    from engine.audit.exposure import pixel_copy_threshold
+    from engine.audit.run_data import split_images
+    from engine.audit.scan import read_scores, scan_checkpoint
+    from engine.audit.validation import ValidationOptions, regenerate, validate_checkpoint
+    from engine.reports.audit_report import write_report
+    run, _ = make_run(tmp_path / "run", 0.0)
+    settings = DetectorSettings(generations=2, steps=2)
+    scores = tmp_path / "scores.parquet"
+    scan_checkpoint(str(run), str(scores), settings, train_prompts=True, threshold=-1.0, force=True, progress=False,
+                    log=lambda m: None)                           # threshold -1: every prompt is flagged
+    opts = ValidationOptions(top_k=2, bottom_k=2, spread=4, tsne_train=4)
+    with pytest.raises(NullConditionError, match="validation .* conditioning.p_uncond = 0"):
+        validate_checkpoint(str(run), str(scores), opts=opts, use_clip=False, progress=False)
+    result = validate_checkpoint(str(run), str(scores), opts=opts, use_clip=False, force=True, progress=False)
+    assert result.numbers["null_condition"]["forced_without_null_condition"] is True
+    exposure = result.numbers["exposure"]
+    table = read_scores(str(scores))
+    train = split_images(str(run), "train", progress=False)
+    threshold = pixel_copy_threshold(train.images, split_images(str(run), "val", progress=False).images)
+    assert exposure["meta"]["threshold"] == pytest.approx(threshold)
+    assert exposure["meta"]["n_flagged_prompts"] == len(table)
+    # brute force: every generation's nearest training image by pixel correlation, counted per image above threshold
+    images, _ = regenerate(load_model(run), table, list(range(len(table))), opts, progress=False)
+    flat = images.reshape(-1, 32 * 32).double().numpy()
+    keys = train.images.reshape(len(train.images), -1).astype(np.float64)
+    corr = np.array([[np.corrcoef(g, k)[0, 1] for k in keys] for g in flat])
+    best, arg = corr.max(1), corr.argmax(1)
+    counts = {train.image_paths[i]: int(((arg == i) & (best > threshold)).sum()) for i in set(arg[best > threshold])}
+    assert {r["image_path"]: r["times_reproduced"] for r in exposure["rows"]} == counts
+    html_path, _ = write_report(result, str(tmp_path / "report"))
+    page = open(html_path).read()
+    assert "FORCED" in page and "Exposed training images" in page
+    written = pq.read_table(tmp_path / "report" / "exposed_training_images.parquet")
+    assert written.num_rows == len(exposure["rows"])

@@ -38,7 +38,7 @@ def pixel_copy_threshold(train_u8: np.ndarray, heldout_u8: np.ndarray, percentil
     held-out image."""
     if len(heldout_u8) == 0:
         raise ValueError("copy threshold: no held-out images to calibrate it on")
-    vec = lambda a: to_model_range(a, channel_dim=False).reshape(len(a), -1).numpy()  # noqa: E731
+    vec = lambda a: to_model_range(np.array(a), channel_dim=False).reshape(len(a), -1).numpy()  # noqa: E731
     return dar_threshold(vec(train_u8), vec(heldout_u8), percentile)
 
 
