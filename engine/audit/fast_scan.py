@@ -49,6 +49,7 @@ from engine.audit.wen_detector import DetectorSettings
 from engine.diffusion.seeds import prompt_seeds
 
 FAST_PART_SCHEMA = pa.schema([("prompt_index", pa.int64()), ("fast_score", pa.float64())])
+JOURNAL_EVERY = 500      # stage-1 prompts per journal part: an interruption loses at most this many scores
 
 
 @dataclass(frozen=True)
@@ -98,15 +99,26 @@ def fast_scores(loaded, tokens, journal: str, settings: DetectorSettings, fast: 
     todo = [i for i in range(tokens.shape[0]) if i not in done]
     bar = tqdm(total=tokens.shape[0], initial=len(done), unit="prompt", desc=f"fast ({fast.detector})",
                disable=not progress, dynamic_ncols=True)
+    pending: dict[int, float] = {}
+
+    def flush() -> None:
+        if pending:
+            idx = sorted(pending)
+            write_scan_table(pa.table({"prompt_index": pa.array(idx, pa.int64()),
+                                       "fast_score": pa.array([pending[i] for i in idx], pa.float64())},
+                                      schema=FAST_PART_SCHEMA), os.path.join(journal, f"fast-{idx[0]:09d}.parquet"))
+            done.update(pending)
+            pending.clear()
+
     for b0 in range(0, len(todo), batch_prompts):
         idx = todo[b0:b0 + batch_prompts]
         scores = detector.score(loaded, PromptBatch(tokens[idx], prompt_seeds(idx, stage.base_seed)), stage,
                                 params=fast.params)
-        write_scan_table(pa.table({"prompt_index": pa.array(idx, pa.int64()),
-                                      "fast_score": pa.array(scores, pa.float64())}, schema=FAST_PART_SCHEMA),
-                            os.path.join(journal, f"fast-{idx[0]:09d}.parquet"))
-        done.update(zip(idx, scores.tolist()))
+        pending.update(zip(idx, scores.tolist()))
+        if len(pending) >= JOURNAL_EVERY:
+            flush()
         bar.update(len(idx))
+    flush()
     bar.close()
     return np.array([done[i] for i in range(tokens.shape[0])])
 
@@ -117,8 +129,8 @@ def auto_batch_sizes(loaded, tokens, settings: DetectorSettings, fast: FastSetti
     detector, stage = get_detector(fast.detector), fast.stage_settings(settings)
     n = tokens.shape[0]
     b1, rates1 = fastest_batch(lambda b: detector.score(loaded, PromptBatch(tokens[:b], list(range(b))), stage,
-                                                        params=fast.params), n, time_budget_s=10.0)
-    b2, rates2 = fastest_scan_batch(loaded, tokens, settings, max(1, math.ceil(fast.confirm_top * n)))
+                                                        params=fast.params), n, time_budget_s=6.0)
+    b2, rates2 = fastest_scan_batch(loaded, tokens, settings, max(1, math.ceil(fast.confirm_top * n)), 6.0)
     fmt = lambda r: ", ".join(f"{b}: {v:.0f}" for b, v in r.items())  # noqa: E731
     log(f"batch prompts auto: fast stage {b1} (prompts/s {fmt(rates1)}); confirmation {b2} "
         f"(prompt-steps/s {fmt(rates2)})")

@@ -23,10 +23,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.audit.detectors.base import FittedDetector, PromptBatch, autocast_for, initial_noise, model_device
+from engine.audit.detectors.base import (
+    FittedDetector,
+    PromptBatch,
+    autocast_for,
+    encode_per_generation,
+    initial_noise,
+    model_device,
+)
 from engine.audit.roc import roc_metrics
 from engine.audit.wen_detector import DetectorSettings
-from engine.diffusion.guidance import noise_magnitude, null_tokens_like, predict_cond_uncond
+from engine.diffusion.guidance import noise_magnitude, predict_cond_uncond
 from engine.diffusion.sampling import timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
 
@@ -70,9 +77,8 @@ class Anisotropy(FittedDetector):
         model, g, p = loaded.model, settings.generations, len(batch.seeds)
         device = model_device(model)
         x = initial_noise(loaded, batch.seeds, g)
-        tokens = batch.tokens.to(device).repeat_interleave(g, dim=0)
         with autocast_for(settings, device):
-            cond, null = model.encode(tokens), model.encode(null_tokens_like(tokens))
+            cond, null = encode_per_generation(model, batch.tokens.to(device), g)
             norm, alignment = anisotropy_terms(model, x, cond, null, loaded.schedule,
                                                loaded.diffusion_config.parameterization,
                                                low_noise_timestep(loaded.schedule))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.audit.wen_detector import DetectorSettings
+from engine.diffusion.guidance import null_tokens_like
 from engine.diffusion.seeds import prompt_noise
 
 
@@ -105,6 +106,19 @@ def image_shape(loaded) -> tuple[int, int, int]:
 def initial_noise(loaded, seeds: list[int], generations: int) -> torch.Tensor:
     """Pure-noise inputs [P * G, C, H, W] (prompt-major) of the scan convention, on the model's device."""
     return prompt_noise(seeds, generations, image_shape(loaded), model_device(loaded.model))
+
+
+def encode_per_generation(model, tokens: torch.Tensor, generations: int, with_null: bool = True):
+    """(cond, null) contexts for every generation row (prompt-major, like `initial_noise`), each prompt
+    encoded ONCE and repeated (the encoder is deterministic), and the null prompt encoded once; null is
+    None without `with_null`."""
+    context, mask = model.encode(tokens)
+    cond = (context.repeat_interleave(generations, 0), mask.repeat_interleave(generations, 0))
+    if not with_null:
+        return cond, None
+    null_context, null_mask = model.encode(null_tokens_like(tokens[:1]))
+    rows = cond[0].shape[0]
+    return cond, (null_context.expand(rows, -1, -1), null_mask.expand(rows, -1))
 
 
 def autocast_for(settings: DetectorSettings, device: torch.device):

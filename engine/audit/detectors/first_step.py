@@ -15,12 +15,13 @@ from engine.audit.detectors.base import (
     Detector,
     PromptBatch,
     autocast_for,
+    encode_per_generation,
     initial_noise,
     model_device,
     per_prompt_mean,
 )
 from engine.audit.wen_detector import DetectorSettings
-from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_like
+from engine.diffusion.guidance import conditional_noise_magnitude
 
 
 class FirstStepWen(Detector):
@@ -38,9 +39,8 @@ class FirstStepWen(Detector):
         model, g = loaded.model, settings.generations
         device = model_device(model)
         x = initial_noise(loaded, batch.seeds, g)
-        tokens = batch.tokens.to(device).repeat_interleave(g, dim=0)
         with autocast_for(settings, device):
-            cond, null = model.encode(tokens), model.encode(null_tokens_like(tokens))
+            cond, null = encode_per_generation(model, batch.tokens.to(device), g)
             _, rms, _ = conditional_noise_magnitude(model, x, loaded.schedule.num_timesteps - 1, cond, null,
                                                     loaded.schedule, loaded.diffusion_config.parameterization)
         return per_prompt_mean(rms, len(batch.seeds))

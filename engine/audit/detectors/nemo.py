@@ -23,7 +23,14 @@ import itertools
 import numpy as np
 import torch
 
-from engine.audit.detectors.base import Detector, PromptBatch, autocast_for, initial_noise, model_device
+from engine.audit.detectors.base import (
+    Detector,
+    PromptBatch,
+    autocast_for,
+    encode_per_generation,
+    initial_noise,
+    model_device,
+)
 from engine.audit.similarity import ssim_paired
 from engine.audit.wen_detector import DetectorSettings
 from engine.diffusion.sampling import timestep_sequence
@@ -72,9 +79,9 @@ class NemoConsistency(Detector):
         device = model_device(model)
         x = initial_noise(loaded, batch.seeds, g)
         t = torch.full((x.shape[0],), nemo_timestep(loaded.schedule), device=device, dtype=torch.long)
-        tokens = batch.tokens.to(device).repeat_interleave(g, dim=0)
         with autocast_for(settings, device):
-            pred = model.denoise(x, t, *model.encode(tokens)).float()
+            cond, _ = encode_per_generation(model, batch.tokens.to(device), g, with_null=False)
+            pred = model.denoise(x, t, *cond).float()
         eps = eps_from_prediction(pred, x, t, loaded.schedule, loaded.diffusion_config.parameterization)
         delta = min_max_scaled((eps - x).double()).reshape(p, g, *x.shape[1:])
         return mean_pairwise_ssim(delta.cpu()).numpy()
