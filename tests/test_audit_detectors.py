@@ -506,3 +506,57 @@ def test_validation_guard_and_exposed_training_images_of_flagged_prompts(tmp_pat
     assert "FORCED" in page and "Exposed training images" in page
     written = pq.read_table(tmp_path / "report" / "exposed_training_images.parquet")
     assert written.num_rows == len(exposure["rows"])
+
+
+def test_sampling_and_token_significance_guard_the_null_condition(tmp_path):
+    import json
+
+    from engine.audit.prompt_lists import PromptList
+    from engine.mitigation.token_significance import significance_document
+    from engine.reports.sample_images import write_samples
+    run, _ = make_run(tmp_path / "run", 0.0)
+    prompts = PromptList([PROMPTS[0]], ["test"])
+    with pytest.raises(NullConditionError, match="sampling at w = 7.5 needs the null condition"):
+        write_samples(str(run), prompts, str(tmp_path / "s"), guidance=(1.0, 7.5), steps=1, per_prompt=1,
+                      progress=False)
+    plain = write_samples(str(run), prompts, str(tmp_path / "s1"), guidance=(1.0,), steps=1, per_prompt=1,
+                          progress=False)                        # w = 1: no null branch, no refusal
+    assert plain["images"][0]["null_condition"]["null_condition"] == "untrained"
+    forced = write_samples(str(run), prompts, str(tmp_path / "s2"), guidance=(3.0,), steps=1, per_prompt=1,
+                           force=True, progress=False)
+    meta = json.loads((tmp_path / "s2" / (forced["images"][0]["image"][:-4] + ".json")).read_text())
+    assert meta["null_condition"]["forced_without_null_condition"] is True
+    loaded = load_model(run)
+    with pytest.raises(NullConditionError, match="token significance"):
+        significance_document(loaded, prompts, steps=1, generations=1, progress=False)
+    doc = significance_document(loaded, prompts, steps=1, generations=1, force=True, progress=False)
+    assert doc["null_condition"]["forced_without_null_condition"] is True
+
+
+@pytest.mark.parametrize("tool,args", [
+    ("scan_memorization", "--checkpoint {run} --train-prompts --steps 1 --generations 1 --out {tmp}/s.parquet"),
+    ("validate_memorization", "--checkpoint {run} --scores {tmp}/none.parquet --out {tmp}/v"),
+    ("mitigate", "guidance --checkpoint {run} --steps 1 --generations 1 --out {tmp}/m"),
+    ("token_significance", "--checkpoint {run} --prompts {tmp}/p.txt --steps 1 --out {tmp}/t.json"),
+    ("sample", "--checkpoint {run} --prompts {tmp}/p.txt -w 7.5 --steps 1 --out {tmp}/x"),
+])
+def test_every_tool_that_needs_the_null_condition_refuses_a_p_uncond_0_model(tmp_path, tool, args):
+    """The command line, as a user meets it: a one-line error naming conditioning.p_uncond, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    from engine.audit.scan import scan_checkpoint
+    run, _ = make_run(tmp_path / "run", 0.0)
+    (tmp_path / "p.txt").write_text(PROMPTS[0] + "\n")
+    if tool == "validate_memorization":      # a forced scan to validate
+        scan_checkpoint(str(run), str(tmp_path / "none.parquet"), DetectorSettings(generations=1, steps=1),
+                        train_prompts=True, force=True, progress=False, log=lambda m: None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(repo, "tools", tool), *args.format(run=run, tmp=tmp_path).split()]
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "conditioning.p_uncond = 0" in ln]
+    assert len(lines) == 1 and "needs the null condition" in lines[0] and "--force" in lines[0], proc.stderr
+    assert not any((tmp_path / name).exists() for name in ("s.parquet", "v", "m", "t.json", "x"))
