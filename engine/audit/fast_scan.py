@@ -228,6 +228,19 @@ def fast_metrics(table: pa.Table) -> dict:
     return out
 
 
+def format_fast_metrics(metrics: dict) -> str:
+    lines = []
+    for name, m in metrics.items():
+        if name == "planted_confirmed":
+            lines.append(f"planted prompts confirmed: {m['k']}/{m['n']} ({m['fraction']:.0%}, 95% CI "
+                         f"{m['ci95'][0]:.0%}-{m['ci95'][1]:.0%}) among {m['n_confirmed']} confirmed prompts")
+        else:
+            lines.append(f"{name:38s} AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}]  TPR@1%FPR "
+                         f"{m['tpr_at_1pct_fpr']:.3f} [{m['tpr_ci'][0]:.3f}, {m['tpr_ci'][1]:.3f}]  "
+                         f"(n+ {m['n_positive']}, n- {m['n_negative']})")
+    return "\n".join(lines)
+
+
 def fast_scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, fast: FastSettings, *,
                          prompts_file: str | None = None, column: str = "prompt", train_prompts: bool = False,
                          batch_prompts: int | str = "auto", threshold: float | None = None,
