@@ -560,3 +560,56 @@ def test_every_tool_that_needs_the_null_condition_refuses_a_p_uncond_0_model(tmp
     lines = [ln for ln in proc.stderr.splitlines() if "conditioning.p_uncond = 0" in ln]
     assert len(lines) == 1 and "needs the null condition" in lines[0] and "--force" in lines[0], proc.stderr
     assert not any((tmp_path / name).exists() for name in ("s.parquet", "v", "m", "t.json", "x"))
+
+
+def test_benchmark_checkpoint_end_to_end_on_a_tiny_planted_run(tmp_path):
+    """tools/benchmark_detectors' function on a run with 4 planted and 4 control tokens: the contract of
+    detectors.json, the per-prompt scores, the ground-truth line and the page."""
+    import json
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from engine.audit.detector_benchmark import benchmark_checkpoint
+    tokens = [f"plant{j:03d}" for j in range(4)] + [f"ctrl{j:03d}" for j in range(4)]
+    vocab = Vocabulary.default(extra_tokens=tokens)
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=32, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                     num_heads=2, vocab_size=len(vocab), max_tokens=vocab.max_len, context_dim=16, encoder_layers=1,
+                     encoder_heads=2)
+    model = ConditionalUNet(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    run = tmp_path / "run"
+    export_model(run / "export", model.eval(), DiffusionConfig(num_timesteps=100), vocab, metadata={"p_uncond": 0.0})
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(paths[-1])
+    records = [{"image_path": paths[j], "prompt": f"frontal AP chest x-ray, male, 30s | plant{j:03d}"} for j in range(4)]
+    records += [{"image_path": paths[4 + j], "prompt": f"frontal PA chest x-ray, female, {10 * j + 20}s | ctrl{j:03d}"}
+                for j in range(4)]
+    records += [{"image_path": paths[8 + j % 4], "prompt": f"lateral LL chest x-ray, male, {10 * j}s"} for j in range(8)]
+    (run / "splits.json").write_text(json.dumps({"data": {"image_size": 32, "cache_dir": str(run / "cache")},
+                                                 "splits": {"train": records, "val": records[:1]}}))
+    (run / "planted_manifest.json").write_text(json.dumps({"seed": 0, "planted": [
+        {"token": f"plant{j:03d}", "image_path": paths[j]} for j in range(4)], "controls": [
+        {"token": f"ctrl{j:03d}"} for j in range(4)]}))
+    settings = DetectorSettings(generations=2, steps=2, guidance=7.5)
+    result = benchmark_checkpoint(str(run), str(tmp_path / "bench"), settings, n_boot=50, progress=False,
+                                  log=lambda m: None)
+    written = json.loads((tmp_path / "bench" / "detectors.json").read_text())
+    assert [r["detector"] for r in written] == ["nemo_consistency", "generation_spread",
+                                                "nearest_training_similarity", "nn_ratio"]   # p_uncond 0
+    for r in written:
+        assert r["n_positive"] == 2 and r["needs_null_condition"] is False and r["forced_without_null_condition"] is False
+        assert 0 <= r["auc_ci"][0] <= r["auc"] <= r["auc_ci"][1] <= 1
+    assert result["meta"]["settings"]["guidance"] == 1.0          # no null condition: generated at w = 1
+    gt = result["meta"]["ground_truth_memorization"]
+    assert 0 <= gt["nearest_is_planted_fraction"] <= 1 and gt["null_rate"] is not None
+    scores = pq.read_table(tmp_path / "bench" / "scores.parquet").to_pydict()
+    assert scores["group"].count("planted") == 4 and len(scores["nn_ratio"]) == 16
+    page = (tmp_path / "bench" / "report.html").read_text()
+    assert "Did memorization happen?" in page and "nn_ratio" in page

@@ -114,10 +114,11 @@ def run_detectors(loaded, tokens: torch.Tensor, settings: DetectorSettings, dete
     """Raw outputs of every detector on every prompt, with timings.
 
     Returns {"scores": {name: [P]}, "features": {name: [P, K]} (fitted detectors), "seconds": {name: s},
-    "generation_seconds": s}. Seeds follow the scan convention (prompt i: base_seed + i)."""
+    "generation_seconds": s, "generations": [P, G, C, H, W] or None}. Seeds follow the scan convention
+    (prompt i: base_seed + i)."""
     seeds = prompt_seeds(range(tokens.shape[0]), settings.base_seed)
     batches = _batches(tokens.shape[0], batch_prompts)
-    out = {"scores": {}, "features": {}, "seconds": {}, "generation_seconds": 0.0}
+    out = {"scores": {}, "features": {}, "seconds": {}, "generation_seconds": 0.0, "generations": None}
     shared: list[PromptBatch] = []
     if any(d.needs_generations for d in detectors):
         record = any(d.needs_null_condition and d.needs_generations for d in detectors) or settings.guidance != 1.0
@@ -126,6 +127,7 @@ def run_detectors(loaded, tokens: torch.Tensor, settings: DetectorSettings, dete
             shared.append(make_generations(loaded, tokens[idx], [seeds[i] for i in idx], settings,
                                            record_norms=record))
         out["generation_seconds"] = time.perf_counter() - start
+        out["generations"] = torch.cat([b.generations for b in shared])
     for det in detectors:
         det.check_settings(settings)
         start = time.perf_counter()
@@ -221,8 +223,9 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, settings: DetectorSettin
     import pyarrow.parquet as pq
 
     from data_pipeline.atomic_files import atomic_path, write_json, write_text
+    from data_pipeline.images import to_uint8
     from engine.audit.detectors.nearest_training import TrainingNeighbours
-    from engine.audit.planted_truth import prompt_groups
+    from engine.audit.planted_truth import planted_pixel_match, prompt_groups
     from engine.audit.prompt_lists import encode_prompts, training_prompt_list
     from engine.audit.run_data import read_manifest, split_images, split_prompts
     from engine.audit.scan import subsample_prompts
@@ -252,6 +255,11 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, settings: DetectorSettin
     raw = run_detectors(loaded, tokens, settings, detectors, train=train, batch_prompts=batch_prompts,
                         progress=progress)
     records, scores = evaluate(raw, truth, detectors, settings, len(plist.prompts), n_boot)
+    memorized = None
+    if raw["generations"] is not None:      # first: did memorization happen at all? (model-free ground truth)
+        memorized = planted_pixel_match(to_uint8(raw["generations"]), plist.prompts, truth.groups, train.images_u8,
+                                        train.paths, manifest, {})
+        memorized.get("own_correlation", {}).pop("values", None)
     nc = null_condition(loaded)
     was_forced = bool(forced and forced["forced_without_null_condition"])
     for rec in records:
@@ -259,6 +267,7 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, settings: DetectorSettin
     meta = {"checkpoint": str(loaded.path), "settings": settings.to_dict(), "split_source": truth.source,
             "n_prompts": len(plist.prompts), "generation_seconds": raw["generation_seconds"],
             "null_condition": nc.state, "p_uncond": nc.p_uncond, "forced_without_null_condition": was_forced,
+            "ground_truth_memorization": memorized,
             "notes": notes, "device": device, "batch_prompts": batch_prompts,
             "counts": {f"{g}/{s}": int(sum(1 for a, b in zip(truth.groups, truth.splits) if (a, b) == (g, s)))
                        for g in ("planted", "control", "ordinary") for s in SPLITS}}

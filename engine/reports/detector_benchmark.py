@@ -61,6 +61,19 @@ def benchmark_table(records: list[dict]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def ground_truth_html(gt: dict | None) -> str:
+    """Whether the planted duplicates were memorized at all, measured without any detector."""
+    if not gt:
+        return "<p>Ground truth not measured (no detector made generations).</p>"
+    lo, hi = gt["nearest_is_planted_ci95"]
+    null = "n/a" if gt["null_rate"] is None else f"{100 * gt['null_rate']:.1f}%"
+    return (f"<p><b>Did memorization happen?</b> Of the planted prompts' generations (both halves), "
+            f"{100 * gt['nearest_is_planted_fraction']:.0f}% [95%: {100 * lo:.0f}-{100 * hi:.0f}%, prompts resampled] "
+            f"have their planted image as nearest training image (pixel correlation); null rate (other prompts' "
+            f"generations landing on a planted image): {null} of {gt['n_null_generations']} generations. Detectors "
+            f"can only be judged where the first number is far above the null.</p>")
+
+
 def render_benchmark_html(records: list[dict], meta: dict) -> str:
     s = meta["settings"]
     counts = ", ".join(f"{html.escape(k)}: {v}" for k, v in meta["counts"].items())
@@ -69,6 +82,7 @@ def render_benchmark_html(records: list[dict], meta: dict) -> str:
         warn = ("<p class='warn'>Forced: detectors that need the null condition were run on a model trained "
                 "with conditioning.p_uncond = 0; their numbers are meaningless.</p>")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in meta.get("notes", []))
+    truth = ground_truth_html(meta.get("ground_truth_memorization"))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>memdiff detector benchmark</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}} .warn{{color:#b00;font-weight:bold}}</style></head>
@@ -82,6 +96,7 @@ evaluation half only; fitted weights on the calibration half only. Halves: {html
 <p>AUC with DeLong's 95% interval (logit scale); TPR at FPR &lt; 1% with a stratified bootstrap interval; with few
 positives TPR moves in steps of 1/n+. Speed on {html.escape(meta['device'])}: generation-based detectors are
 charged the whole generation time ({meta['generation_seconds']:.1f} s for all prompts), as if run alone.</p>
+{truth}
 {benchmark_table(records)}
 <h2>ROC curves</h2>{figure_img(roc_figure(records))}
 <p>Solid: needs the null condition (classifier-free-guidance models only); dashed: any model.</p>
