@@ -391,8 +391,9 @@ def section_scan(s: Section, device) -> None:
 
     from bench.peers import PROMPTS
     from data_pipeline.vocab import Vocabulary
-    from engine.audit.wen_detector import DetectorSettings, detect, prompt_seeds
+    from engine.audit.wen_detector import DetectorSettings, detect
     from engine.diffusion.schedule import NoiseSchedule
+    from engine.diffusion.seeds import prompt_seeds
     from engine.model.unet import ConditionalUNet
 
     cfg = cfg_json_unet(64, s.dry_run)

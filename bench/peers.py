@@ -218,7 +218,8 @@ def compare_dp_step(args) -> dict:
 
 def compare_scan(args, planted: PlantedModel) -> dict:
     from bench.wen_loop import ddim_scheduler, wen_loop_norms  # noqa: PLC0415
-    from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, prompt_seeds  # noqa: PLC0415
+    from engine.audit.wen_detector import DetectorSettings, detect, first_step_score
+    from engine.diffusion.seeds import prompt_seeds  # noqa: PLC0415
 
     groups = np.array(planted.groups)
     # every planted prompt, then a seeded sample of controls and of ordinary prompts, half the rest each

@@ -164,7 +164,8 @@ def dp_cases():
 
 def scan_cases():
     from bench.wen_loop import wen_loop_norms  # noqa: PLC0415
-    from engine.audit.wen_detector import DetectorSettings, detect, prompt_seeds  # noqa: PLC0415
+    from engine.audit.wen_detector import DetectorSettings, detect
+    from engine.diffusion.seeds import prompt_seeds  # noqa: PLC0415
     vocab, cfg = Vocabulary.default(), demo_unet_config()
     torch.manual_seed(0)
     model = ConditionalUNet(cfg).eval()

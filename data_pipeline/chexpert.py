@@ -10,7 +10,7 @@ import os
 import re
 from typing import Sequence
 
-from .csv_table import read_table, resolve_inside
+from .csv_table import no_usable_rows, read_table, resolve_inside
 from .records import CHEXPERT_OBSERVATIONS, ReadResult, XrayRecord, canonical_finding
 
 CHEXPERT_PREFIX = "CheXpert-v1.0-small/"
@@ -103,4 +103,6 @@ def read_chexpert(root: str, split: str = "train", uncertainty: str = "ignore",
             image_path=image_path, patient_id=patient, study_id=f"{patient}/{study}", dataset="chexpert",
             findings=tuple(findings), uncertain=tuple(uncertain), view=view, projection=projection,
             sex=_SEXES[row["Sex"]], age=int(row["Age"]) if row["Age"] else None, labels=tuple(labels)))
+    if not records and skipped:
+        raise no_usable_rows(csv_path, skipped)
     return ReadResult(records, skipped)

@@ -12,7 +12,8 @@ across fields.
 
 `build` turns parsed JSON into the dataclass: unknown keys, wrong types, failed constraints and
 missing required fields are one-line errors naming the dotted key (lists are converted to tuples
-where the hint says tuple, ints to floats where it says float). Constraints are also enforced when
+where the hint says tuple, ints to floats where it says float). Every number must be finite:
+Python's JSON reader accepts `Infinity` and `NaN`, and `lr: Infinity` passes `lr > 0`. Constraints are also enforced when
 a section is constructed in code (`ConfigSection.__post_init__`), so no instance holds a value its
 declaration forbids. `to_jsonable` is the inverse: the resolved section as JSON values.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import MISSING, field
@@ -80,6 +82,9 @@ class ConfigSection:
             value = getattr(self, f.name)
             if value is None:
                 continue
+            bad = _first_non_finite(value, f.name)
+            if bad is not None:
+                raise FieldError(bad[0], f"expected a finite number, got {_got(bad[1])}")
             choices = _literal_choices(hints[f.name])
             if choices is not None and value not in choices:
                 raise FieldError(f.name, f"expected {_type_name(hints[f.name])}, got {_got(value)}")
@@ -160,8 +165,25 @@ def _got(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _first_non_finite(value: Any, key: str) -> tuple[str, float] | None:
+    """(dotted key, value) of the first infinite or NaN float inside `value`, else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _first_non_finite(v, f"{key}.{k}" if isinstance(k, str) else f"{key}[{k}]")
+        if found is not None:
+            return found
+    return None
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """`value` (parsed JSON) as type `tp`, or InvalidConfig naming `key`."""
+    bad = _first_non_finite(value, key)
+    if bad is not None:
+        raise InvalidConfig(bad[0], f"expected a finite number, got {_got(bad[1])}")
     fail = InvalidConfig(key, f"expected {_type_name(tp)}, got {_got(value)}")
     origin = typing.get_origin(tp)
     if tp is Any:

@@ -100,6 +100,9 @@ def read_records(cfg: DataConfig) -> tuple[list[XrayRecord], list[str]]:
         result = read_nih(root)
     else:
         if cfg.format == "synthetic" and not os.path.isfile(os.path.join(root, "train.csv")):
+            if os.path.isdir(root) and os.listdir(root):   # generating would write over whatever is there
+                raise ValueError(f"data.root: {root} holds files but no train.csv; synthetic data is generated "
+                                 f"only into a new or empty folder")
             from .synthetic import make_synthetic_chexpert
             log.info("generating %d synthetic images in %s", cfg.synthetic_images, root)
             make_synthetic_chexpert(root, cfg.synthetic_images, cfg.synthetic_seed, image_size=cfg.synthetic_width)
@@ -117,6 +120,9 @@ def prepare_dataset(cfg: DataConfig, run_dir: str, progress: bool = True) -> Pre
     """Read, cache, split, plant and tokenize the dataset described by `cfg`."""
     os.makedirs(run_dir, exist_ok=True)
     records, skipped = read_records(cfg)
+    if not records:
+        raise ValueError(f"data.views: no image of {cfg.root} is among views {list(cfg.views)} and projections "
+                         f"{list(cfg.projections) if cfg.projections else 'all'}")
     if cfg.max_images is not None:
         records = records[: cfg.max_images]
     cache = load_or_build_cache(records, cfg.image_size, cfg.cache_dir or os.path.join(run_dir, "cache"),
@@ -127,7 +133,7 @@ def prepare_dataset(cfg: DataConfig, run_dir: str, progress: bool = True) -> Pre
     row_of = {r.image_path: i for i, r in enumerate(records)}
     records = [r for r, ok in zip(records, cache.ok) if ok]
     if not records:
-        raise ValueError(f"data.root: no readable images in {cfg.root}")
+        raise ValueError(f"{cfg.root}: none of its {len(cache.ok)} images could be read (first: {cache.skipped[0]})")
     if cfg.patient_tokens:
         records = [r.with_extra_tokens((_patient_token(r.patient_id),)) for r in records]
 

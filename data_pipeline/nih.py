@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .csv_table import read_table, resolve_inside
+from .csv_table import no_usable_rows, read_table, resolve_inside
 from .records import NIH_FINDINGS, ReadResult, XrayRecord, canonical_finding
 
 NIH_TABLES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
@@ -14,7 +14,10 @@ _PROJECTIONS = ("AP", "PA")
 
 def _parse_age(text: str) -> int | None:
     """NIH ages are integers; old releases wrote "058Y". A handful of rows hold impossible ages
-    (> 120): keep the image but drop the age rather than prompt "90s" for a typo."""
+    (> 120): keep the image but drop the age rather than prompt "90s" for a typo. A blank age is
+    unknown (real exports in the NIH layout leave it blank), not a bad row."""
+    if not text:
+        return None
     text = text.upper().removesuffix("Y")
     if not text.isdigit():
         raise ValueError(text)
@@ -70,4 +73,6 @@ def read_nih(root: str) -> ReadResult:
             findings=tuple(findings), uncertain=(), view="frontal", projection=row["View Position"],
             sex=_SEXES[row["Patient Gender"]], age=age,
             labels=tuple(1.0 if n in present else 0.0 for n in NIH_FINDINGS)))
+    if not records:
+        raise no_usable_rows(csv_path, skipped)
     return ReadResult(records, skipped)

@@ -21,8 +21,9 @@ NULL_ID = 1
 PAD_TOKEN = "<pad>"
 NULL_TOKEN = "<null>"
 
+MAX_LEN = 256   # data.max_len's upper bound: a prompt never has more tokens than this
 KINDS = ("special", "view", "projection", "sex", "age", "finding", "uncertain", "extra")
-_EXTRA_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-.]+$")
+_EXTRA_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-.]{1,64}")
 
 
 def _default_tokens() -> list[tuple[str, str]]:
@@ -44,9 +45,16 @@ class Vocabulary:
             raise ValueError(f"vocabulary: ids 0 and 1 must be {PAD_TOKEN} and {NULL_TOKEN}")
         if max_len < 2:
             raise ValueError(f"vocabulary: max_len must be >= 2, got {max_len}")
+        if not all(isinstance(t, str) for t in tokens) or isinstance(max_len, bool) or not isinstance(max_len, int):
+            raise ValueError("vocabulary: tokens must be strings and max_len an int")
         bad = [k for k in kinds if k not in KINDS]
         if bad:
-            raise ValueError(f"vocabulary: unknown token kind {bad[0]!r}")
+            raise ValueError(f"vocabulary: unknown token kind {str(bad[0])[:40]!r}")
+        # Every constructor (default, with_extra_tokens, a loaded file) holds extra tokens to the same
+        # pattern: a token with spaces, commas or markup would change how prompts parse and display.
+        bad = [t for t, k in zip(tokens, kinds) if k == "extra" and not _EXTRA_TOKEN_RE.fullmatch(t)]
+        if bad:
+            raise ValueError(f"vocabulary: extra token {bad[0][:40]!r} must match {_EXTRA_TOKEN_RE.pattern}")
         self.tokens: list[str] = list(tokens)
         self.token_kinds: list[str] = list(kinds)
         self.max_len = int(max_len)
@@ -70,8 +78,8 @@ class Vocabulary:
                 continue
             if name in known:
                 raise ValueError(f"vocabulary: extra token {name!r} collides with a {known[name]} token")
-            if not _EXTRA_TOKEN_RE.match(name):
-                raise ValueError(f"vocabulary: extra token {name!r} must match {_EXTRA_TOKEN_RE.pattern}")
+            if not isinstance(name, str) or not _EXTRA_TOKEN_RE.fullmatch(name):
+                raise ValueError(f"vocabulary: extra token {str(name)[:40]!r} must match {_EXTRA_TOKEN_RE.pattern}")
             tokens.append(name)
             kinds.append("extra")
             known[name] = "extra"
@@ -153,8 +161,23 @@ class Vocabulary:
         for key in ("max_len", "tokens", "kinds"):
             if key not in data:
                 raise ValueError(f"{path}: vocabulary is missing key {key!r}")
+        tokens, kinds, max_len = data["tokens"], data["kinds"], data["max_len"]
+        if not isinstance(tokens, list) or not isinstance(kinds, list):
+            raise ValueError(f"{path}: vocabulary tokens and kinds must be lists")
+        if isinstance(max_len, int) and not 2 <= max_len <= MAX_LEN:
+            raise ValueError(f"{path}: vocabulary max_len must be in [2, {MAX_LEN}], got {max_len}")
+        # Ids are stable across runs: a file whose first ids are not the default vocabulary, or which
+        # adds tokens of any kind but "extra", was not written by `save`.
+        default = _default_tokens()
+        for i, (token, kind) in enumerate(zip(tokens, kinds)):
+            expected = default[i] if i < len(default) else (token, "extra")
+            if (token, kind) != expected:
+                raise ValueError(f"{path}: vocabulary id {i} is {str(token)[:40]!r} ({str(kind)[:20]}), expected "
+                                 f"{expected[0]!r} ({expected[1]})")
+        if len(tokens) < len(default):
+            raise ValueError(f"{path}: vocabulary has {len(tokens)} tokens, fewer than the {len(default)} default ones")
         try:
-            return cls(data["tokens"], data["kinds"], data["max_len"])
+            return cls(tokens, kinds, max_len)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 

@@ -5,7 +5,9 @@
     deepspeed --num_gpus 8 engine/train.py --config configs/cfg.json --resume auto
     python engine/train.py --config configs/demo_cpu.json          # one process, no launcher
 
-The config is validated before anything else runs; errors are one line naming the key.
+The config is validated before anything else runs; errors are one line naming the key. Every
+other error of ours (output folder, data files, checkpoints, divergence) is one line naming the
+file, row or key, exit status 3; a traceback means a bug.
 """
 from __future__ import annotations
 
@@ -39,13 +41,26 @@ def main(config_path: str, overrides: tuple[str, ...], resume: str, stop_at: int
         sys.exit(2)
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    from engine.training.checkpointing import CheckpointError
     from engine.training.trainer import TrainingError, train
     try:
         train(cfg, resume=resume == "auto", stop_at=stop_at)
-    except TrainingError as exc:
+    except (TrainingError, CheckpointError, ValueError, OSError) as exc:
+        # ValueError: data_pipeline's readers and checks (bad rows, non-UTF-8 files, paths outside the
+        # dataset root, vocabulary, privacy state); OSError: unreadable input, unwritable output.
         if os.environ.get("RANK", "0") == "0":
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
         sys.exit(3)
+
+
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """The message on one line, capped: a message may echo input (a row, a token) of any length."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -65,6 +65,14 @@ def test_cluster_bootstrap_width_matches_the_standard_error_of_a_mean():
     assert width == pytest.approx(2 * 1.96 * se, rel=0.1)
 
 
+def test_cluster_bootstrap_resamples_whole_prompts():
+    per_prompt = np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    lo, hi = cluster_bootstrap_mean(per_prompt, n_boot=4000)["ci95"]
+    # Prompt means are 1, 0, .5, .5: the resampled mean of 4 lies in [0, 1] in steps of 1/8 and
+    # its 2.5 / 97.5 percentiles are symmetric about 0.5 (resampling generations would give 1/16 steps).
+    assert 0.0 <= lo < 0.5 < hi <= 1.0 and lo == pytest.approx(1 - hi) and (lo * 8) == pytest.approx(round(lo * 8))
+
+
 def test_paired_difference_is_exact_for_a_shift_and_narrower_than_unpaired():
     rng = np.random.default_rng(2)
     before = rng.normal(0, 1, (60, 4))

@@ -69,9 +69,10 @@ def reference_clipped_sum(model, batch, clip: float) -> dict[str, torch.Tensor]:
     return {n: torch.einsum("b,b...->...", c, g) for n, g in grads.items()}, norms
 
 
-def resolved(clip: float, sigma: float = 0.0, expected: int = B, k: int = 1, method: str = "auto"):
+def resolved(clip: float, sigma: float = 0.0, expected: int = B, k: int = 1, method: str = "auto",
+             reproducible: bool = False):
     cfg = DPConfig(enabled=True, clip_norm=clip, noise_multiplier=sigma, expected_batch_size=expected,
-                   noise_multiplicity=k, norm_method=method)
+                   noise_multiplicity=k, norm_method=method, reproducible_noise_voids_guarantee=reproducible)
     return cfg.resolve(num_examples=10 * expected, planned_steps=10)
 
 
@@ -101,7 +102,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     full = make_batch()
     idx = shard_indices(torch.arange(B), rank, world)
     batch = {k: v[idx] for k, v in full.items()}
-    dp = DPSGD(model, resolved(clip=0.05, sigma=0.3), seed=SEED)
+    # bit-identity across processes needs noise from the public seed (which voids the guarantee)
+    dp = DPSGD(model, resolved(clip=0.05, sigma=0.3, reproducible=True), seed=SEED)
     stats = dp.backward(diffusion_loss_fn(SCHEDULE), batch, STEP)
     torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "stats": stats},
                os.path.join(out_dir, f"rank{rank}.pt"))
@@ -113,7 +115,7 @@ def test_dp_two_ranks_equal_single_process():
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         outs = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     model = tiny_model()
-    dp = DPSGD(model, resolved(clip=0.05, sigma=0.3), seed=SEED)
+    dp = DPSGD(model, resolved(clip=0.05, sigma=0.3, reproducible=True), seed=SEED)
     single = dp.backward(diffusion_loss_fn(SCHEDULE), make_batch(), STEP)
     assert outs[0]["stats"]["dp/batch_size"] == B
     assert outs[0]["stats"]["dp/clipped_fraction"] == pytest.approx(single["dp/clipped_fraction"])
@@ -142,6 +144,18 @@ def test_noise_variance_without_clipping():
     # a different step draws different noise
     dp.backward(diffusion_loss_fn(SCHEDULE), batch, STEP + 1)
     assert not torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), noisy)
+
+
+def test_noise_is_secret_by_default_and_reproducible_only_when_the_guarantee_is_void():
+    """Default: the noise is keyed by an OS secret, so the same seed and step give different noise in
+    two processes (nobody can recompute it from config.json); reproducible only on request."""
+    def noise(reproducible: bool) -> torch.Tensor:
+        model = tiny_model()
+        DPSGD(model, resolved(1e6, 1.0, reproducible=reproducible), seed=SEED).backward(
+            diffusion_loss_fn(SCHEDULE), make_batch(n=2), STEP)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert not torch.equal(noise(False), noise(False))
+    assert torch.equal(noise(True), noise(True))
 
 
 def test_poisson_sampling_is_deterministic_and_has_rate_q():

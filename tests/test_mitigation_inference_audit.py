@@ -109,15 +109,6 @@ def test_planted_pixel_match_against_numpy():
     assert lo == pytest.approx(2 / 3) and hi == pytest.approx(2 / 3)
 
 
-def test_prompt_bootstrap_ci_resamples_prompts():
-    from engine.audit.statistics import prompt_bootstrap_ci
-    per_prompt = np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    lo, hi = prompt_bootstrap_ci(per_prompt, n_boot=4000)
-    # Prompt means are 1, 0, .5, .5: the resampled mean of 4 lies in [0, 1] in steps of 1/8 and
-    # its 2.5 / 97.5 percentiles are symmetric about 0.5.
-    assert 0.0 <= lo < 0.5 < hi <= 1.0 and lo == pytest.approx(1 - hi) and (lo * 8) == pytest.approx(round(lo * 8))
-
-
 def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
     """A tool as a user runs it: its own process, this checkout's packages."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

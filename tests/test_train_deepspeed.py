@@ -195,7 +195,10 @@ def test_dp_sgd_under_the_launcher_two_ranks_equal_one_process(tmp_path, dataset
     """DP-SGD through `deepspeed --num_gpus 2` against plain `python engine/train.py`: the same global
     Poisson batches, each rank clipping its own share, the noise added once after the all-reduce from
     the same seed -> the same weights (up to summation order) and the same privacy spent."""
-    dp = {"enabled": True, "clip_norm": 0.5, "noise_multiplier": 1.0, "expected_batch_size": 8, "delta": 1e-5}
+    # Bit-level agreement across process layouts needs the noise drawn from the public seed, which voids
+    # the guarantee; by default the noise is keyed by an OS secret and no two runs share it.
+    dp = {"enabled": True, "clip_norm": 0.5, "noise_multiplier": 1.0, "expected_batch_size": 8, "delta": 1e-5,
+          "reproducible_noise_voids_guarantee": True}
     runs = {}
     for procs in (1, 2):
         cfg = write_config(tmp_path / f"dp{procs}.json", dataset, output_dir=str(tmp_path / f"dp{procs}"),

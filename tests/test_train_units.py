@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.training.checkpointing import LATEST, STATE, latest_tag, save_checkpoint
+from engine.training.checkpointing import LATEST, STATE, CheckpointError, choose_checkpoint, save_checkpoint
 from engine.training.diffusion_loss import step_seed
 from engine.training.ema import EMA, ema_decay_at
 
@@ -62,23 +62,29 @@ def test_interrupted_write_never_replaces_the_good_checkpoint(tmp_path):
     ema = EMA(nn.Linear(2, 2), decay=0.9)
     ckpt = tmp_path / "checkpoints"
     save_checkpoint(FakeEngine(), ckpt, 10, ema, {"micro_step": 10}, keep=2, rank=0)
-    assert latest_tag(ckpt) == "step_00000010"
+    assert choose_checkpoint(ckpt) == "step_00000010"
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(FakeEngine(fail=True), ckpt, 20, ema, {}, keep=2, rank=0)
-    assert latest_tag(ckpt) == "step_00000010"          # still the good one
+    assert choose_checkpoint(ckpt) == "step_00000010"          # still the good one
     assert not (ckpt / "step_00000020").exists()        # the half-written one stays under its tmp tag
     # The next save cleans the leftover and switches; pruning keeps the newest `keep`.
     save_checkpoint(FakeEngine(), ckpt, 20, ema, {}, keep=2, rank=0)
     save_checkpoint(FakeEngine(), ckpt, 30, ema, {}, keep=2, rank=0)
-    assert latest_tag(ckpt) == "step_00000030"
+    assert choose_checkpoint(ckpt) == "step_00000030"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_00000020", "step_00000030"]
     assert json.loads((ckpt / "step_00000030" / STATE).read_text())["step"] == 30
     assert (ckpt / LATEST).read_text() == "step_00000030\n"
 
 
-def test_latest_naming_an_incomplete_checkpoint_is_an_error(tmp_path):
-    (tmp_path / "step_00000005").mkdir()
+def test_latest_naming_an_incomplete_checkpoint_falls_back_to_an_intact_one(tmp_path, capsys):
+    ema = EMA(nn.Linear(2, 2), decay=0.9)
+    save_checkpoint(FakeEngine(), tmp_path, 3, ema, {}, keep=2, rank=0)
+    (tmp_path / "step_00000005").mkdir()                      # no manifest: never completed
     (tmp_path / LATEST).write_text("step_00000005\n")
-    with pytest.raises(RuntimeError, match="not a complete checkpoint"):
-        latest_tag(tmp_path)
-    assert latest_tag(tmp_path / "nothing") is None
+    assert choose_checkpoint(tmp_path) == "step_00000003"
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "step_00000005: no manifest.json" in warning[0] and "step_00000003" in warning[0]
+    (tmp_path / "step_00000003" / STATE).write_text("{")      # damaged: nothing intact is left
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        choose_checkpoint(tmp_path)
+    assert choose_checkpoint(tmp_path / "nothing") is None

@@ -33,6 +33,7 @@ from data_pipeline.images import read_png, to_model_range
 from engine.audit.audit_inputs import AuditInputs
 from engine.audit.copy_detection import CopyDetector, copy_statistics, dar_threshold
 from engine.audit.frechet import frechet_distance_features
+from engine.audit.intervals import distribution_summary
 from engine.audit.nearest_neighbors import topk_neighbors
 from engine.audit.planted_truth import nearest_is_planted, planted_pixel_match, planted_sources, prompt_groups
 from engine.audit.prompt_lists import PromptList, encode_prompts
@@ -40,7 +41,6 @@ from engine.audit.roc import calibrate_threshold, roc_metrics
 from engine.audit.run_data import RealImages
 from engine.audit.scan import scan_prompts
 from engine.audit.similarity import pearson_normalize
-from engine.audit.statistics import distribution_summary
 from engine.audit.wen_detector import DetectorSettings, mean_score
 from engine.model.export import load_model
 

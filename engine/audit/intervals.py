@@ -10,6 +10,7 @@
 - `paired_difference(before, after)`: after - before on the SAME prompts (and seeds), with a paired
   bootstrap interval that resamples prompts once for both sides.
 - `spearman_interval(x, y)`: Spearman's rho with a bootstrap interval over pairs.
+- `distribution_summary(values)`: n, mean, percentiles and the values themselves (for histograms).
 
 Bootstrap intervals are percentile intervals from `n_boot` seeded resamples, so a report is
 reproducible; the resample count and seed are recorded where they are used.
@@ -165,3 +166,13 @@ def spearman_interval(x: np.ndarray, y: np.ndarray, n_boot: int = N_BOOT, seed: 
             boots.append(spearmanr(x[i], y[i]).statistic)
     return {"rho": float(spearmanr(x, y).statistic), "ci95": list(_percentile_interval(np.array(boots))),
             "n": int(x.size)}
+
+
+def distribution_summary(values: np.ndarray) -> dict:
+    """n, mean, 5/25/50/75/95th percentiles and every value (for the report's histograms)."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return {"n": 0}
+    q = np.percentile(v, [5, 25, 50, 75, 95])
+    return {"n": int(v.size), "mean": float(v.mean()), "p05": q[0], "p25": q[1], "median": q[2], "p75": q[3],
+            "p95": q[4], "values": v.tolist()}

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from data_pipeline.prompts import parse_prompt
+from engine.audit.intervals import cluster_bootstrap_mean, distribution_summary
 from engine.audit.similarity import pearson_normalize
-from engine.audit.statistics import distribution_summary, prompt_bootstrap_ci
 
 
 def prompt_groups(prompts: list[str], manifest: dict | None) -> list[str] | None:
@@ -92,5 +92,5 @@ def planted_pixel_match(images: np.ndarray, prompts: Sequence[str], groups: Sequ
     hits = np.stack(hits_per_prompt)                                 # [P_planted, G]
     return {"own_correlation": distribution_summary(np.array(own)),
             "nearest_is_planted_fraction": float(hits.mean()),
-            "nearest_is_planted_ci95": prompt_bootstrap_ci(hits),
+            "nearest_is_planted_ci95": cluster_bootstrap_mean(hits)["ci95"],
             "null_rate": null_rate, "n_null_generations": len(others) * g}

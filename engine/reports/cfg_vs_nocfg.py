@@ -18,7 +18,7 @@ from data_pipeline.images import to_uint8
 from engine.diffusion.generate import generate
 from engine.model.export import load_model
 from engine.reports.image_grid import panels_figure, save_figure
-from engine.training.run_logger import plot_loss_curves, read_metrics
+from engine.reports.loss_curves import plot_loss_curves, read_metrics
 
 
 def _run_info(run: Path) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.augment import AugmentConfig
-from data_pipeline.config_schema import ConfigSection, InvalidConfig, build, constrained, to_jsonable
+from data_pipeline.config_schema import ConfigSection, FieldError, InvalidConfig, build, constrained, to_jsonable
 from data_pipeline.dataset import DataConfig
 from engine.diffusion.schedule import DiffusionConfig
 from engine.model.unet import UNetConfig
@@ -58,6 +58,12 @@ class OptimizerSection(ConfigSection):
     SECTION = "deepspeed.optimizer"
     type: Literal["AdamW"] = "AdamW"
     params: AdamWParams = field(default_factory=AdamWParams)
+
+
+# The scheduler key that sets the peak learning rate, per DeepSpeed scheduler. DeepSpeed lets it
+# override the optimizer's lr without a word (and WarmupDecayLR defaults it to 0.001), so a config
+# gives one learning rate: the key is filled from deepspeed.optimizer.params.lr and must not differ.
+PEAK_LR_KEYS = {"WarmupLR": "warmup_max_lr", "WarmupDecayLR": "warmup_max_lr", "OneCycle": "cycle_max_lr"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,14 @@ class DeepSpeedSection(ConfigSection):
     gradient_clipping: float = constrained(1.0, "float >= 0 (0 = off)", lambda v: v >= 0)
     steps_per_print: int = constrained(10**9, "int > 0", lambda v: v > 0)
 
+    def check(self) -> None:
+        key = PEAK_LR_KEYS.get(self.scheduler.type) if self.scheduler is not None else None
+        peak, lr = (self.scheduler.params.get(key), self.optimizer.params.lr) if key else (None, None)
+        if peak is not None and peak != lr:
+            raise FieldError(f"scheduler.params.{key}", f"{peak!r} contradicts deepspeed.optimizer.params.lr = "
+                                                        f"{lr!r} (DeepSpeed would train at {peak!r}); give one "
+                                                        f"learning rate: drop {key} or set it to lr")
+
     def to_deepspeed(self) -> dict:
         """The dict handed to deepspeed.initialize (DeepSpeed's own key names)."""
         ds = {
@@ -108,7 +122,10 @@ class DeepSpeedSection(ConfigSection):
             "steps_per_print": self.steps_per_print,
         }
         if self.scheduler is not None:
-            ds["scheduler"] = {"type": self.scheduler.type, "params": dict(self.scheduler.params)}
+            params = dict(self.scheduler.params)
+            if self.scheduler.type in PEAK_LR_KEYS:
+                params[PEAK_LR_KEYS[self.scheduler.type]] = self.optimizer.params.lr
+            ds["scheduler"] = {"type": self.scheduler.type, "params": params}
         return ds
 
 
@@ -131,6 +148,9 @@ class TrainingSection(ConfigSection):
     ema_decay: float = constrained(0.999, "float in [0, 1)", lambda v: 0 <= v < 1)
     # decay_t = min(ema_decay, (1 + t) / (10 + t)): early averages do not drag the random init along.
     ema_warmup: bool = True
+    # Stop (keeping the last good checkpoint and export) when a logged loss exceeds this many times
+    # the median of the last 20 logged losses; a diverging run would otherwise train on and export.
+    divergence_factor: float | None = constrained(100.0, "float > 1 or null (off)", lambda v: v > 1)
     channels_last: bool = False
     # Batches: DALI where it loads (GPU), else the PyTorch path; both give the same stream.
     loader: Literal["auto", "dali", "torch"] = "auto"
@@ -279,9 +299,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override and validate a training config; raises ConfigError with a one-line message."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

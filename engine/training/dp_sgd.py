@@ -70,7 +70,12 @@ class DPConfig(ConfigSection):
     noise_multiplicity: int = constrained(1, "int >= 1", lambda v: v >= 1)
     norm_method: Literal["auto", "ghost", "vmap"] = "auto"
     vmap_chunk: int = constrained(16, "int >= 1", lambda v: v >= 1)
-    secure_noise_seed: bool = False  # draw the noise seed from the OS (rank 0, broadcast) instead of (seed, step)
+    # The noise is keyed by a secret the OS draws at start (rank 0, broadcast), never written anywhere:
+    # noise derived from training.seed (which config.json shows) can be recomputed and subtracted by
+    # anyone who has the config, and then (epsilon, delta) holds only while the config is secret.
+    # true: noise from training.seed, bit-reproducible runs (tests), and NO privacy guarantee; the
+    # name says so, and privacy.json and every epsilon reported say so too.
+    reproducible_noise_voids_guarantee: bool = False
 
     def check(self) -> None:
         if self.enabled:
@@ -79,18 +84,20 @@ class DPConfig(ConfigSection):
             if (self.sample_rate is None) == (self.expected_batch_size is None):
                 raise FieldError("sample_rate", "give exactly one of sample_rate and expected_batch_size")
 
-    def resolve(self, num_examples: int, planned_steps: int) -> "ResolvedDP":
-        """Fix q and sigma for a dataset of `num_examples` and a run of `planned_steps` steps."""
+    def resolve(self, num_examples: int, planned_steps: int, noise_multiplier: float | None = None) -> "ResolvedDP":
+        """Fix q and sigma for a dataset of `num_examples` and a run of `planned_steps` steps.
+        `noise_multiplier`: the sigma a resumed run was started with (never re-solved: the
+        accountant's history assumes the sigma every past step was taken with)."""
         if num_examples < 1:
             raise ValueError(f"dp: the training split is empty (num_examples={num_examples})")
         q = self.sample_rate if self.sample_rate is not None else self.expected_batch_size / num_examples
         if not 0 < q <= 1:
             raise ValueError(f"dp.expected_batch_size: {self.expected_batch_size} exceeds the {num_examples} "
                              f"training examples")
-        sigma = self.noise_multiplier
+        sigma = noise_multiplier if noise_multiplier is not None else self.noise_multiplier
         if sigma is None:
             sigma = solve_noise_multiplier(self.target_epsilon, q, planned_steps, self.delta, self.accountant)
-        return ResolvedDP(self, float(q), float(q) * num_examples, float(sigma), num_examples)
+        return ResolvedDP(self, float(q), float(q) * num_examples, float(sigma), num_examples, int(planned_steps))
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class ResolvedDP:
     expected_batch_size: float   # q N: the divisor of the noisy sum
     noise_multiplier: float
     num_examples: int
+    planned_steps: int = 0       # training.steps when sigma was fixed
 
 
 def check_deepspeed_for_dp(ds_config: dict | None) -> None:
@@ -183,6 +191,7 @@ class DPSGD:
                              "recorded activations)")
         self.model, self.resolved, self.cfg, self.seed = model, resolved, cfg, int(seed)
         self.group = process_group
+        self._noise_key = None if cfg.reproducible_noise_voids_guarantee else self._os_secret()
         self.method = cfg.norm_method
         self.hooks: PerSampleNormHooks | None = None
         if self.method in ("auto", "ghost"):
@@ -204,16 +213,20 @@ class DPSGD:
     def world_size(self) -> int:
         return dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
 
-    def noise_seed(self, step: int) -> int:
-        """The Philox seed of this step's noise, identical on every rank."""
-        if not self.cfg.secure_noise_seed:
-            return keyed_seed(self.seed, step, NOISE_TAG)
+    def _os_secret(self) -> int:
+        """62 bits from the OS on rank 0, shared with the other ranks (one collective, at start)."""
         s = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
         if self.world_size > 1:
             # gloo/nccl need the tensor on the backend's device; the model's device is right for both
             s = s.to(next(self.model.parameters()).device)
             dist.broadcast(s, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         return int(s.item())
+
+    def noise_seed(self, step: int) -> int:
+        """The Philox seed of this step's noise, identical on every rank: keyed by the OS secret, or
+        by the public seed when the config voids the guarantee."""
+        key = self.seed if self._noise_key is None else self._noise_key
+        return keyed_seed(key, step, NOISE_TAG)
 
     def _local_clipped_sum(self, loss_fn: LossFn, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.method == "vmap":

@@ -54,6 +54,10 @@ class EMA:
             return
         self._for_each_full_param(module, lambda name, p: self.shadow[name].lerp_(p.detach().float(), weight))
 
+    def all_finite(self) -> bool:
+        """False if any averaged weight is inf or NaN (a NaN step poisons the average for good)."""
+        return all(bool(torch.isfinite(t).all()) for t in self.shadow.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 

@@ -11,12 +11,16 @@ Every step type has
     forward_backward(step) -> [loss per micro-batch]   the passes of optimizer step `step`, and the
                             engine.step() calls that go with them (DeepSpeed counts micro-batches in
                             engine.step(), so one follows every backward; it updates at the last)
-    grad_norm()            the global gradient norm to log after a log step
+    grad_norm()            the global gradient norm to log after a log step (None: not recorded)
+    watched_norm()         the norm whose non-finite value means the run diverged (None: not recorded)
     log_fields()           extra metrics for metrics.jsonl
+    checkpoint_state()     what a checkpoint must keep for an exact resume (the DP accountant)
     describe()             a line for the start-up log, or None
     global_batch           images per optimizer step over all ranks (expected size for DP)
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -33,15 +37,17 @@ from engine.training.diffusion_loss import (
     step_seed,
 )
 from engine.training.dp_sgd import DPSGD
-from engine.training.privacy import PrivacyAccountant
+from engine.training.privacy import PrivacyAccountant, group_privacy
 from engine.training.screening import ScreeningMonitor, screened_mean
 
 
 class StandardStep:
-    def __init__(self, engine, loader, schedule: NoiseSchedule, cfg: TrainConfig, *, rank: int, world: int) -> None:
+    def __init__(self, engine, loader, schedule: NoiseSchedule, cfg: TrainConfig, *, rank: int, world: int,
+                 logged: Callable[[int], bool]) -> None:
+        """`logged(n)`: whether the trainer logs (and checks) after n optimizer steps."""
         ds = cfg.deepspeed
         self.engine, self.loader, self.schedule, self.rank = engine, loader, schedule, rank
-        self.seed, self.log_every = cfg.training.seed, cfg.training.log_every
+        self.seed, self.logged = cfg.training.seed, logged
         self.accum = ds.gradient_accumulation_steps
         self.global_batch = ds.train_micro_batch_size_per_gpu * self.accum * world
         self.loss_options = dict(parameterization=cfg.diffusion.parameterization,
@@ -51,7 +57,7 @@ class StandardStep:
         # DeepSpeed records the global gradient norm except under ZeRO 0 in fp32: there we read it
         # off the (all-reduced) gradients before the update of a step that will be logged.
         self.manual_grad_norm = ds.zero_optimization.stage == 0 and not ds.bf16.enabled
-        self.last_grad_norm = float("nan")
+        self.last_grad_norm: float | None = None
 
     def forward_backward(self, step: int) -> list[torch.Tensor]:
         losses = []
@@ -62,7 +68,7 @@ class StandardStep:
                 losses.append(out.per_sample.mean().detach().float())
                 continue
             self.engine.backward(loss)
-            if k == self.accum - 1 and self.manual_grad_norm and (step + 1) % self.log_every == 0:
+            if k == self.accum - 1 and self.manual_grad_norm and self.logged(step + 1):
                 self.last_grad_norm = self._global_grad_norm()
             self.engine.step()
             losses.append(loss.detach().float())
@@ -80,11 +86,17 @@ class StandardStep:
         grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else float("nan")
 
-    def grad_norm(self) -> float:
+    def grad_norm(self) -> float | None:
         norm = self.last_grad_norm if self.manual_grad_norm else self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None
+
+    def watched_norm(self) -> float | None:
+        return self.grad_norm()
 
     def log_fields(self) -> dict[str, float]:
+        return {}
+
+    def checkpoint_state(self) -> dict:
         return {}
 
     def describe(self) -> str | None:
@@ -92,8 +104,9 @@ class StandardStep:
 
 
 class ScreenedStep(StandardStep):
-    def __init__(self, engine, loader, schedule: NoiseSchedule, cfg: TrainConfig, *, rank: int, world: int) -> None:
-        super().__init__(engine, loader, schedule, cfg, rank=rank, world=world)
+    def __init__(self, engine, loader, schedule: NoiseSchedule, cfg: TrainConfig, *, rank: int, world: int,
+                 logged: Callable[[int], bool]) -> None:
+        super().__init__(engine, loader, schedule, cfg, rank=rank, world=world, logged=logged)
         self.screening = ScreeningMonitor(cfg.screening, schedule, cfg.diffusion.parameterization)
 
     def loss_to_minimise(self, out: MicroBatchLoss) -> torch.Tensor | None:
@@ -111,18 +124,37 @@ class ScreenedStep(StandardStep):
 
 class DPStep:
     def __init__(self, engine, split: SplitData, schedule: NoiseSchedule, cfg: TrainConfig, *, rank: int,
-                 world: int, start_step: int, device: torch.device) -> None:
+                 world: int, start_step: int, device: torch.device, saved_privacy: dict | None = None,
+                 planted_manifest: dict | None = None) -> None:
+        """`saved_privacy`: the accountant state of the checkpoint this run resumes (required then):
+        its sigma, q and history continue; sigma is never re-solved from the current training.steps."""
         self.engine, self.schedule, self.cfg = engine, schedule, cfg.dp
         self.seed, self.p_uncond = cfg.training.seed, cfg.conditioning.p_uncond
-        self.resolved = cfg.dp.resolve(len(split.images), cfg.training.steps)
+        self.split, self.planted_manifest = split, planted_manifest
+        if start_step > 0:
+            if saved_privacy is None:
+                raise ValueError("dp: the checkpoint holds no privacy accountant state, so the privacy spent "
+                                 "before it is unknown; this run cannot be continued under DP")
+            self.accountant = PrivacyAccountant.from_state(saved_privacy)
+            self.resolved = cfg.dp.resolve(len(split.images), cfg.training.steps,
+                                           noise_multiplier=self.accountant.noise_multiplier)
+            if (abs(self.resolved.sample_rate - self.accountant.sample_rate) > 1e-12 * self.resolved.sample_rate
+                    or self.accountant.steps != start_step or self.accountant.delta != cfg.dp.delta
+                    or self.accountant.accountant != cfg.dp.accountant):
+                raise ValueError(f"dp: the checkpoint's accountant (q {self.accountant.sample_rate:.6g}, "
+                                 f"{self.accountant.steps} steps) does not match this run (q "
+                                 f"{self.resolved.sample_rate:.6g}, step {start_step})")
+        else:
+            self.resolved = cfg.dp.resolve(len(split.images), cfg.training.steps)
+            self.accountant = PrivacyAccountant(self.resolved.noise_multiplier, self.resolved.sample_rate,
+                                                cfg.dp.delta, cfg.dp.accountant)
         self.global_batch = self.resolved.expected_batch_size
         self.dp = DPSGD(engine.module, self.resolved, seed=self.seed)
         self.loss_fn = diffusion_loss_fn(schedule, cfg.diffusion.parameterization, cfg.diffusion.min_snr_gamma)
-        self.accountant = PrivacyAccountant(self.resolved.noise_multiplier, self.resolved.sample_rate, cfg.dp.delta,
-                                            cfg.dp.accountant, steps=start_step)
         self.batches = poisson_batches(split.images, split.tokens, self.resolved.sample_rate, seed=self.seed,
                                        rank=rank, world_size=world, start_step=start_step, augment=cfg.augment,
                                        device=device)
+        self.resumed = start_step > 0
         self.last: dict[str, float] = {}
 
     def forward_backward(self, step: int) -> list[torch.Tensor]:
@@ -134,34 +166,61 @@ class DPStep:
         self.engine.step()
         return [torch.tensor(self.last["loss"])]
 
-    def grad_norm(self) -> float:
-        return float("nan")   # not recorded: the noisy gradient's norm says little (see dp/grad_norm_mean)
+    def grad_norm(self) -> float | None:
+        return None   # not recorded: the noisy gradient's norm says little (see dp/grad_norm_mean)
+
+    def watched_norm(self) -> float | None:
+        return self.last.get("dp/grad_norm_mean")   # per-sample norms before clipping
+
+    @property
+    def guarantee_void(self) -> bool:
+        return self.cfg.reproducible_noise_voids_guarantee
 
     def log_fields(self) -> dict[str, float]:
         fields = {k: v for k, v in self.last.items() if k.startswith("dp/")}
-        return {**fields, "dp/epsilon": self.accountant.epsilon(), "dp/delta": self.cfg.delta}
+        return {**fields, "dp/epsilon": self.accountant.epsilon(), "dp/delta": self.cfg.delta,
+                "dp/guarantee_void": self.guarantee_void}
+
+    def checkpoint_state(self) -> dict:
+        return {"privacy": self.accountant.state_dict()}
 
     def describe(self) -> str:
         r, c = self.resolved, self.cfg
-        how = f"target epsilon {c.target_epsilon:g}" if c.target_epsilon is not None else "given"
+        how = ("kept from the checkpoint" if self.resumed else
+               f"solved for target epsilon {c.target_epsilon:g} over {r.planned_steps} steps"
+               if c.target_epsilon is not None else "given")
+        noise = ("REPRODUCIBLE from training.seed: NO privacy guarantee (dp.reproducible_noise_voids_guarantee)"
+                 if self.guarantee_void else "noise keyed by a secret from the OS")
         return (f"dp: sigma {r.noise_multiplier:.4g} ({how}), clip {c.clip_norm:g}, q {r.sample_rate:.4g} "
                 f"(expected batch {r.expected_batch_size:.4g}), K {c.noise_multiplicity}, delta "
-                f"{c.delta:g}, {c.accountant} accountant, norms by {self.dp.method}")
+                f"{c.delta:g}, {c.accountant} accountant, norms by {self.dp.method}; {noise}")
 
     def privacy(self) -> dict:
-        """The privacy spent so far (the accountant's summary)."""
-        return self.accountant.summary()
+        """The privacy spent so far (the accountant's summary), what it covers, and the group guarantee."""
+        summary = self.accountant.summary()
+        noise = ("reproducible from training.seed (dp.reproducible_noise_voids_guarantee: true): anyone with "
+                 "config.json can recompute the noise, so (epsilon, delta) does NOT hold"
+                 if self.guarantee_void else "keyed by a secret drawn from the operating system, never written")
+        return {**summary, "guarantee_void": self.guarantee_void, "noise_seed": noise,
+                "unit": "one record: one row of the train split (an image with its prompt)",
+                "group_privacy": group_privacy(summary["epsilon"], summary["delta"],
+                                               [r.image_path for r in self.split.records],
+                                               [r.patient_id for r in self.split.records], self.planted_manifest)}
 
 
 def make_step(cfg: TrainConfig, engine, split: SplitData, schedule: NoiseSchedule, *, rank: int, world: int,
-              start_step: int, device: torch.device) -> StandardStep | ScreenedStep | DPStep:
-    """The step type the config asks for, positioned at optimizer step `start_step`."""
+              start_step: int, device: torch.device, logged: Callable[[int], bool],
+              resume_state: dict | None = None, planted_manifest: dict | None = None
+              ) -> StandardStep | ScreenedStep | DPStep:
+    """The step type the config asks for, positioned at optimizer step `start_step` (`resume_state`:
+    the trainer state of the checkpoint it resumes from)."""
     if cfg.dp is not None and cfg.dp.enabled:
-        return DPStep(engine, split, schedule, cfg, rank=rank, world=world, start_step=start_step, device=device)
+        return DPStep(engine, split, schedule, cfg, rank=rank, world=world, start_step=start_step, device=device,
+                      saved_privacy=(resume_state or {}).get("privacy"), planted_manifest=planted_manifest)
     accum = cfg.deepspeed.gradient_accumulation_steps
     loader = make_loader(split, cfg.deepspeed.train_micro_batch_size_per_gpu, seed=cfg.training.seed, rank=rank,
                          world_size=world, start_step=start_step * accum, augment=cfg.augment,
                          backend=cfg.training.loader, device=str(device))
     if cfg.screening is not None and cfg.screening.enabled:
-        return ScreenedStep(engine, loader, schedule, cfg, rank=rank, world=world)
-    return StandardStep(engine, loader, schedule, cfg, rank=rank, world=world)
+        return ScreenedStep(engine, loader, schedule, cfg, rank=rank, world=world, logged=logged)
+    return StandardStep(engine, loader, schedule, cfg, rank=rank, world=world, logged=logged)

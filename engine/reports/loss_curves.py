@@ -1,0 +1,59 @@
+"""Loss curves of training runs: read back from a run's metrics.jsonl and drawn for people.
+
+The trainer's logger (engine.training.run_logger) writes one JSON object per logged step into
+`<run>/metrics.jsonl`; this module reads it and plots one or several runs' losses.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+from engine.reports.figures import pyplot
+from engine.reports.image_grid import save_figure
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            rows.append(json.loads(line))
+    return rows
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard's smoothing slider)."""
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg, norm = weight * avg + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(avg / norm)
+    return out
+
+
+def plot_loss_curves(curves: dict[str, list[dict]], path: str | os.PathLike, title: str = "training loss") -> Path:
+    """One line per run (raw faint, smoothed solid), log-scale loss."""
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    for i, (name, rows) in enumerate(curves.items()):
+        rows = [r for r in rows if "loss" in r and math.isfinite(r["loss"])]
+        if not rows:
+            continue
+        steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
+        color = f"C{i}"
+        ax.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(loss), color=color, linewidth=1.6, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (MSE on the noise)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if curves:
+        ax.legend()
+    return save_figure(fig, path)
