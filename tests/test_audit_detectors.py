@@ -357,15 +357,21 @@ def test_exposure_aggregates_reproduced_training_images_per_image_and_patient(tm
 
 
 def test_fastest_batch_picks_the_measured_peak():
-    import time as _time
-
     from engine.audit.batch_size import fastest_batch
-    # a workload whose cost per call is 1 ms + 0.25 ms per prompt up to 8 prompts, then 2 ms per prompt
+    # a simulated clock: a call on b prompts costs 1 ms + 0.25 ms per prompt up to 8, then 2 ms + 2 ms per prompt
+    now = [0.0]
     cost = lambda b: 0.001 + (0.00025 * b if b <= 8 else 0.002 + 0.002 * b)  # noqa: E731
-    best, rates = fastest_batch(lambda b: _time.sleep(cost(b)), n_prompts=100, repeats=1)
+    calls = []
+
+    def run(b):
+        calls.append(b)
+        now[0] += cost(b)
+    best, rates = fastest_batch(run, n_prompts=100, repeats=2, clock=lambda: now[0])
     assert best == 8
-    assert 16 in rates and 64 not in rates                     # stopped once clearly past the peak
-    assert fastest_batch(lambda b: None, n_prompts=3)[1].keys() <= {1, 2}
+    assert rates[8] == pytest.approx(8 / cost(8)) and rates[16] == pytest.approx(16 / cost(16))
+    assert 32 not in rates                                     # stopped once clearly past the peak (16: 44% of 8's)
+    assert calls == [b for b in (1, 2, 4, 8, 16) for _ in range(3)]   # a warm-up and 2 timed calls each
+    assert set(fastest_batch(lambda b: None, n_prompts=3)[1]) <= {1, 2}
 
 
 # ---- the scan: guard, fast mode --------------------------------------------------------------------
@@ -600,6 +606,8 @@ def test_benchmark_checkpoint_end_to_end_on_a_tiny_planted_run(tmp_path):
     settings = DetectorSettings(generations=2, steps=2, guidance=7.5)
     result = benchmark_checkpoint(str(run), str(tmp_path / "bench"), settings, n_boot=50, progress=False,
                                   log=lambda m: None)
+    from engine.reports.detector_benchmark import write_benchmark_report
+    write_benchmark_report(str(tmp_path / "bench"), result["records"], result["meta"])
     written = json.loads((tmp_path / "bench" / "detectors.json").read_text())
     assert [r["detector"] for r in written] == ["nemo_consistency", "generation_spread",
                                                 "nearest_training_similarity", "nn_ratio"]   # p_uncond 0

@@ -17,11 +17,12 @@ CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def fastest_batch(run: Callable[[int], None], n_prompts: int, candidates: tuple[int, ...] = CANDIDATES,
-                  repeats: int = 2, time_budget_s: float = 20.0) -> tuple[int, dict[int, float]]:
+                  repeats: int = 2, time_budget_s: float = 20.0,
+                  clock: Callable[[], float] = time.perf_counter) -> tuple[int, dict[int, float]]:
     """(the batch size with the highest prompts/s, {batch size: prompts/s}) for `run(b)`, which must
     process b prompts. Candidates above n_prompts are skipped; the search stops early once a candidate is
     clearly slower (below 70% of the best so far) or the time budget is spent, since rates rise to one
-    peak and then fall."""
+    peak and then fall. `clock` is the timer (tests drive a simulated one)."""
     if n_prompts < 1:
         raise ValueError("batch size search: no prompts")
     rates: dict[int, float] = {}
@@ -30,9 +31,9 @@ def fastest_batch(run: Callable[[int], None], n_prompts: int, candidates: tuple[
         run(b)                                          # warm-up: allocator, kernels, caches
         best = float("inf")
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             run(b)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, clock() - start)
         spent += best * (repeats + 1)
         rates[b] = b / max(best, 1e-9)
         if rates[b] < 0.7 * max(rates.values()) or spent > time_budget_s:

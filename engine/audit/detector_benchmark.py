@@ -215,14 +215,15 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, settings: DetectorSettin
                          device: str = "cpu", n_boot: int = 2000, progress: bool = True, log=print) -> dict:
     """Benchmark every applicable detector on a training run with planted duplicates; write
     out_dir/detectors.json, out_dir/scores.parquet (every prompt's score under every detector, with its
-    group and half) and out_dir/report.html. Every input is checked before the first forward pass."""
+    group and half); the page is engine.reports.detector_benchmark's. Every input is checked before the first
+    forward pass. Returns {"records": [...], "meta": {...}}."""
     import json
     import os
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_pipeline.atomic_files import atomic_path, write_json, write_text
+    from data_pipeline.atomic_files import atomic_path, write_json
     from data_pipeline.images import to_uint8
     from engine.audit.detectors.nearest_training import TrainingNeighbours
     from engine.audit.planted_truth import planted_pixel_match, prompt_groups
@@ -230,7 +231,6 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, settings: DetectorSettin
     from engine.audit.run_data import read_manifest, split_images, split_prompts
     from engine.audit.scan import subsample_prompts
     from engine.model.export import load_model
-    from engine.reports.detector_benchmark import render_benchmark_html
 
     loaded = load_model(checkpoint, device=device)
     manifest = read_manifest(checkpoint)
@@ -280,7 +280,6 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, settings: DetectorSettin
     table = table.replace_schema_metadata({b"memdiff_detector_benchmark": json.dumps(meta).encode()})
     with atomic_path(os.path.join(out_dir, "scores.parquet")) as tmp:
         pq.write_table(table, tmp)
-    write_text(os.path.join(out_dir, "report.html"), render_benchmark_html(records, meta))
     return {"records": records, "meta": meta}
 
 

@@ -5,7 +5,9 @@ Every piece of text that comes from data goes through html.escape.
 from __future__ import annotations
 
 import html
+import os
 
+from data_pipeline.atomic_files import write_text
 from engine.reports.figures import figure_img, pyplot
 
 
@@ -102,3 +104,10 @@ charged the whole generation time ({meta['generation_seconds']:.1f} s for all pr
 <p>Solid: needs the null condition (classifier-free-guidance models only); dashed: any model.</p>
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
 </body></html>"""
+
+
+def write_benchmark_report(out_dir: str, records: list[dict], meta: dict) -> str:
+    """out_dir/report.html (atomically); returns its path."""
+    path = os.path.join(out_dir, "report.html")
+    write_text(path, render_benchmark_html(records, meta))
+    return path
