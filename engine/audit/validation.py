@@ -20,14 +20,17 @@ from tqdm import tqdm
 from data_pipeline.images import to_model_range, to_uint8
 from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
 from engine.audit.copy_detection import CopyDetector, copy_statistics, load_copy_detector
+from engine.audit.detectors.nearest_training import TrainingNeighbours
+from engine.audit.exposure import exposed_training_images, patient_ids, pixel_copy_threshold
 from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
 from engine.audit.planted_truth import nearest_is_planted, planted_sources
 from engine.audit.roc import roc_curve, roc_metrics
-from engine.audit.run_data import TrainingImages, read_manifest, split_images
+from engine.audit.run_data import TrainingImages, read_manifest, read_splits, split_images
 from engine.audit.scan import model_fingerprint, planted_comparisons, read_scores, scan_metadata, scan_settings
 from engine.audit.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
 from engine.audit.wen_detector import detect, mean_score
 from engine.model.export import load_model
+from engine.model.null_condition import require_null_condition
 
 
 @dataclass
@@ -231,19 +234,55 @@ def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: d
 
 def validate_checkpoint(checkpoint: str, scores: str, *, copy_detector: str | None = None,
                         opts: ValidationOptions = ValidationOptions(), use_clip: bool = True, device: str = "cpu",
-                        progress: bool = True) -> ValidationResult:
+                        force: bool = False, progress: bool = True) -> ValidationResult:
     """Validate a finished scan of a training run (what tools/validate_memorization does).
 
-    The scan must come from this run's model (its weight fingerprint is checked before any work); the
-    copy detector is `copy_detector`, else <run>/copy_detector when present; the planted manifest and
-    the distinct training images are the run's own.
+    The scan must come from this run's model (its weight fingerprint is checked before any work), and the
+    model must have a trained null condition (the scan's guided generations are made again), unless
+    `force`, which the numbers then record. The copy detector is `copy_detector`, else <run>/copy_detector
+    when present; the planted manifest and the distinct training images are the run's own. A fast scan
+    (--mode fast) is validated on its confirmed prompts, the only ones with full-trajectory scores. The
+    exposed training images of the flagged prompts are added (engine.audit.exposure).
     """
     table = read_scores(scores)
     loaded = load_model(checkpoint, device=device)
     if scan_metadata(table)["scan"].get("model") != model_fingerprint(loaded):
         raise ValueError(f"{scores}: was scanned with another model than {checkpoint}")
+    record = require_null_condition(loaded, "validation (it makes the scan's guided generations again)", force)
+    if "confirmed" in table.column_names:
+        table = table.filter(pa.array(table.column("confirmed").to_pylist(), pa.bool_()))
     detector_dir = copy_detector or os.path.join(checkpoint, "copy_detector")
     detector = load_copy_detector(detector_dir, device=device) if copy_detector or os.path.isdir(detector_dir) else None
     train = split_images(checkpoint, "train", progress=progress)
-    return validate(loaded, table, train, manifest=read_manifest(checkpoint), copy_detector=detector, opts=opts,
-                    use_clip=use_clip, progress=progress)
+    result = validate(loaded, table, train, manifest=read_manifest(checkpoint), copy_detector=detector, opts=opts,
+                      use_clip=use_clip, progress=progress)
+    result.numbers["null_condition"] = record
+    try:
+        heldout = split_images(checkpoint, "val", progress=progress).images
+    except ValueError as e:      # no held-out images: no copy threshold, so no exposure table
+        result.numbers["exposure_skipped"] = f"no held-out images to calibrate the copy threshold on ({e})"
+        return result
+    result.numbers["exposure"] = exposure_of_scan(loaded, table, train, heldout, patient_ids(read_splits(checkpoint)),
+                                                  opts, progress)
+    return result
+
+
+def exposure_of_scan(loaded, table: pa.Table, train: TrainingImages, heldout_u8: np.ndarray,
+                     patients: dict[str, str], opts: ValidationOptions, progress: bool = True) -> dict:
+    """The training images reproduced by the scan's flagged prompts (or, when the scan has no threshold,
+    by its top-k prompts, said so), with the pixel-space copy threshold calibrated on held-out images."""
+    flagged = [i for i, f in enumerate(table.column("flagged").to_pylist()) if f]
+    chosen, which = flagged, "flagged by the scan's threshold"
+    if not flagged:
+        chosen = select_prompts(table, opts)["top"]
+        which = f"the {len(chosen)} top-scoring prompts (the scan has no threshold, so none is flagged)"
+    threshold = pixel_copy_threshold(train.images, heldout_u8)
+    images, _ = regenerate(loaded, table, chosen, opts, progress)
+    prompts = [table.column("prompt")[i].as_py() for i in chosen]
+    rows = exposed_training_images(prompts, images, TrainingNeighbours(train.images, train.image_paths), threshold,
+                                   patients)
+    meta = {"threshold": threshold, "n_flagged_prompts": len(chosen), "prompts_used": which,
+            "generations": int(images.shape[1]), "n_patients": len({r["patient_id"] for r in rows}),
+            "threshold_from": f"Dar's rule on pixels: 95th percentile over training images of their best "
+                              f"correlation to the {len(heldout_u8)} held-out (val) images"}
+    return {"meta": meta, "rows": rows}

@@ -26,6 +26,7 @@ from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_l
 from engine.diffusion.sampling import step_coefficients, timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
 from engine.diffusion.seeds import prompt_noise, prompt_seeds
+from engine.model.null_condition import require_null_condition
 from kernels.guided_step import guided_step
 
 
@@ -120,11 +121,14 @@ def token_scores(result: SignificanceResult, vocab: Vocabulary, prompt: int) -> 
 
 
 def significance_document(loaded, prompt_list: PromptList, *, steps: int = 50, guidance: float = 7.5,
-                          generations: int = 4, seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+                          generations: int = 4, seed: int = 0, batch_size: int = 16, force: bool = False,
+                          progress: bool = True) -> dict:
     """Token significance of every prompt of a list under an exported model (`loaded`), along the
     guided DDIM trajectory from the scan's seeds (prompt i: seed + i), as a JSON-able document:
     per prompt its tokens with their SS, the positions ranked most significant first, and the mean
-    conditional-noise norm along the trajectory."""
+    conditional-noise norm along the trajectory. L needs the null condition: a model trained with
+    p_uncond 0 is refused unless `force` (engine.model.null_condition), recorded in the document."""
+    record = require_null_condition(loaded, "token significance (L = ||eps_c - eps_u||)", force)
     tokens = encode_prompts(loaded.vocab, prompt_list)          # fails on a bad prompt before any work
     cfg = loaded.unet_config
     seeds = prompt_seeds(range(len(tokens)), seed)
@@ -143,4 +147,4 @@ def significance_document(loaded, prompt_list: PromptList, *, steps: int = 50, g
                for p, prompt in enumerate(prompt_list.prompts)]
     return {"checkpoint": str(loaded.path), "steps": steps, "guidance": guidance, "generations": generations,
             "base_seed": seed, "definition": "SS_i = mean_t ||grad_{e_i} ||eps_c - eps_u||_2||^2 (guided trajectory)",
-            "prompts": entries}
+            "null_condition": record, "prompts": entries}

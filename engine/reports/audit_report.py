@@ -11,7 +11,9 @@ import os
 import numpy as np
 
 from data_pipeline.atomic_files import write_json, write_text
+from engine.audit.exposure import write_exposure
 from engine.audit.validation import ValidationResult
+from engine.reports.exposure import exposure_section_html
 from engine.reports.figures import figure_img, png_data_uri, pyplot
 
 PRIMARY_METRICS = ("pixel_correlation", "dar_correlation", "ssim", "clip_cosine")  # first present one is shown
@@ -111,6 +113,9 @@ def render_html(result: ValidationResult, title: str = "memdiff memorization rep
     plots = _plots(n)
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if (n.get("null_condition") or {}).get("forced_without_null_condition"):
+        out.append("<p class='warn'>FORCED: this model was trained with conditioning.p_uncond = 0 (no trained null "
+                   "condition); the scan's scores and these generations use the untrained null prompt.</p>")
     out.append(f"<p>{n['n_prompts_scanned']} prompts scanned, {n['n_train_images']} training images, "
                f"{n['generations']} generations per prompt. Neighbours shown by "
                f"{html.escape(METRIC_NAMES[primary])}; the reproduced scores differ from the scan's by at most "
@@ -142,6 +147,8 @@ def render_html(result: ValidationResult, title: str = "memdiff memorization rep
     out.append("</table>" + plots.get("scatter", ""))
     if "tsne" in plots:
         out.append("<h2>t-SNE</h2>" + plots["tsne"])
+    if n.get("exposure"):
+        out.append(exposure_section_html(n["exposure"]["rows"], n["exposure"]["meta"]))
     for section, title_text in (("planted", "Planted prompts"), ("top", "Top-scoring prompts"),
                                 ("bottom", "Bottom-scoring prompts")):
         ids = n["selection"].get(section, [])
@@ -156,8 +163,12 @@ def render_html(result: ValidationResult, title: str = "memdiff memorization rep
 
 def write_report(result: ValidationResult, out_dir: str, title: str = "memdiff memorization report",
                  primary: str | None = None) -> tuple[str, str]:
-    """Write report.html and report.json atomically into out_dir; returns their paths."""
+    """Write report.html and report.json atomically into out_dir (and exposed_training_images.parquet when
+    the numbers have an exposure table); returns the paths of the page and the JSON."""
     html_path, json_path = os.path.join(out_dir, "report.html"), os.path.join(out_dir, "report.json")
     write_text(html_path, render_html(result, title, primary))
     write_json(json_path, result.numbers, allow_nan=False)
+    if result.numbers.get("exposure"):
+        write_exposure(result.numbers["exposure"]["rows"], os.path.join(out_dir, "exposed_training_images.parquet"),
+                       {**result.numbers["exposure"]["meta"], "null_condition": result.numbers.get("null_condition")})
     return html_path, json_path
