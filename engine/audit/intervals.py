@@ -10,6 +10,8 @@
 - `paired_difference(before, after)`: after - before on the SAME prompts (and seeds), with a paired
   bootstrap interval that resamples prompts once for both sides.
 - `spearman_interval(x, y)`: Spearman's rho with a bootstrap interval over pairs.
+- `cluster_bootstrap_statistic(clusters, statistic)`: any statistic of items (F1, macro-F1), with an
+  interval from resampling whole clusters (prompts, anchor images).
 
 Bootstrap intervals are percentile intervals from `n_boot` seeded resamples, so a report is
 reproducible; the resample count and seed are recorded where they are used.
@@ -165,3 +167,24 @@ def spearman_interval(x: np.ndarray, y: np.ndarray, n_boot: int = N_BOOT, seed: 
             boots.append(spearmanr(x[i], y[i]).statistic)
     return {"rho": float(spearmanr(x, y).statistic), "ci95": list(_percentile_interval(np.array(boots))),
             "n": int(x.size)}
+
+
+def cluster_bootstrap_statistic(clusters: np.ndarray, statistic: Callable[[np.ndarray], float],
+                                n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """statistic(item indices) over all items, with a 95% interval from resampling whole clusters.
+
+    For statistics that are not a mean of per-cluster values (F1, macro-F1, precision): `clusters`
+    [M] names each item's cluster (the prompt of a generation, the anchor image of a pair); a
+    resample draws clusters with replacement and passes the indices of all their items.
+    """
+    ids = np.asarray(clusters)
+    if ids.size == 0:
+        return {"value": float("nan"), "ci95": [float("nan")] * 2, "n_clusters": 0, "n_items": 0}
+    groups = [np.flatnonzero(ids == c) for c in np.unique(ids)]
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        pick = rng.integers(0, len(groups), len(groups))
+        boots[i] = statistic(np.concatenate([groups[j] for j in pick]))
+    return {"value": float(statistic(np.arange(ids.size))), "ci95": list(_percentile_interval(boots)),
+            "n_clusters": len(groups), "n_items": int(ids.size)}
