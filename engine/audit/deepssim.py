@@ -15,7 +15,8 @@ Scale (the paper's): Different <= 0.6 < Similar <= 0.85 < Duplicate. A generatio
 nearest training image when their DeepSSIM score exceeds 0.85 (the Duplicate class).
 
 The backbone is the copy detector's (engine.audit.copy_detection.build_embedder: "resnet50",
-"resnet18", or "tiny" for tests and the CPU demo) with a unit-norm output. Saved as
+"resnet18", or "tiny" for tests and the CPU demo) with a unit-norm output, from random weights or a
+local weights file (`backbone_weights`, as for the copy detector). Saved as
 deepssim.safetensors + deepssim.json (engine.model.network_files); never pickled.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from data_pipeline.augment import rotate
 from data_pipeline.images import to_model_range
-from engine.audit.copy_detection import BACKBONES, build_embedder
+from engine.audit.copy_detection import BACKBONES, build_embedder, load_backbone_weights
 from engine.audit.similarity import ssim_paired
 from engine.model.network_files import load_network, save_network
 
@@ -54,6 +55,7 @@ class DeepSSIMConfig:
     pair_mix: tuple[float, float, float] = (0.25, 0.5, 0.25)   # shares of identical, blended, other pairs
     val_pairs: int = 512            # fixed validation pairs (checkpoint selection by their loss)
     seed: int = 0
+    backbone_weights: str | None = None   # local file to start from (copy_detection.load_backbone_weights)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -183,7 +185,9 @@ def train_deepssim(train_images: np.ndarray, val_images: np.ndarray, cfg: DeepSS
         raise ValueError(f"deepssim: need >= 2 training and validation images, got "
                          f"{len(train_images)} and {len(val_images)}")
     torch.manual_seed(cfg.seed)
-    model = build_embedder(cfg.backbone, cfg.embed_dim).to(device)
+    model = build_embedder(cfg.backbone, cfg.embed_dim)
+    start = load_backbone_weights(model, cfg.backbone_weights) if cfg.backbone_weights else None
+    model = model.to(device)
     train_x, val_x = _as_model_input(train_images, device), _as_model_input(val_images, device)
     val_a, val_b, val_t = _validation_pairs(val_x, cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -214,4 +218,5 @@ def train_deepssim(train_images: np.ndarray, val_images: np.ndarray, cfg: DeepSS
         bar.set_postfix(train=f"{total / len(order):.4f}", val=f"{val_loss:.4f}", best=best_epoch)
     model.load_state_dict(best_state)
     return DeepSSIM(model, cfg, {"best_epoch": best_epoch, "best_val_mse": best_loss, "history": history,
-                                 "n_train": int(len(train_images)), "n_val": int(len(val_images))})
+                                 "n_train": int(len(train_images)), "n_val": int(len(val_images)),
+                                 "backbone_start": start})
