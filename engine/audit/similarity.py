@@ -46,28 +46,17 @@ def _ssim_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu.squeeze(1), var.squeeze(1)
 
 
-def _ssim_inputs(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[.., H, W] images in [-1, 1] -> [N, H, W] float64 in [0, 1], after checking their sizes."""
-    if queries.shape[-2:] != keys.shape[-2:]:
-        raise ValueError(f"ssim: image sizes differ: {tuple(queries.shape[-2:])} vs {tuple(keys.shape[-2:])}")
-    if min(queries.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"ssim: images must be at least {SSIM_WINDOW} px, got {tuple(queries.shape[-2:])}")
-    return ((queries.reshape(-1, *queries.shape[-2:]).double() + 1) / 2,
-            (keys.reshape(-1, *keys.shape[-2:]).double() + 1) / 2)
-
-
-def _ssim_map_mean(mq, mk, var_q, var_k, cov) -> torch.Tensor:
-    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
-    s = ((2 * mq * mk + c1) * (2 * cov + c2)) / ((mq ** 2 + mk ** 2 + c1) * (var_q + var_k + c2))
-    return s.mean(dim=(-2, -1)).float()
-
-
 def ssim_pairwise(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """SSIM of every query against every key: [Q, H, W] x [K, H, W] in [-1, 1] -> [Q, K].
 
     Memory is Q * K * H * W floats; callers chunk (see engine.audit.nearest_neighbors).
     """
-    q, k = _ssim_inputs(queries, keys)
+    if queries.shape[-2:] != keys.shape[-2:]:
+        raise ValueError(f"ssim: image sizes differ: {tuple(queries.shape[-2:])} vs {tuple(keys.shape[-2:])}")
+    if min(queries.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: images must be at least {SSIM_WINDOW} px, got {tuple(queries.shape[-2:])}")
+    q = (queries.reshape(-1, *queries.shape[-2:]).double() + 1) / 2
+    k = (keys.reshape(-1, *keys.shape[-2:]).double() + 1) / 2
     mu_q, var_q = _ssim_stats(q)
     mu_k, var_k = _ssim_stats(k)
     n = SSIM_WINDOW * SSIM_WINDOW
@@ -75,17 +64,27 @@ def ssim_pairwise(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     e_qk = F.avg_pool2d(prod, SSIM_WINDOW, stride=1).reshape(q.shape[0], k.shape[0], *mu_q.shape[-2:])
     mq, mk = mu_q[:, None], mu_k[None]
     cov = (e_qk - mq * mk) * (n / (n - 1))
-    return _ssim_map_mean(mq, mk, var_q[:, None], var_k[None], cov)
+    return _ssim_index(mq, mk, var_q[:, None], var_k[None], cov)
+
+
+def _ssim_index(mu_a, mu_b, var_a, var_b, cov) -> torch.Tensor:
+    """SSIM from local statistics, averaged over the window-valid interior (last two axes)."""
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.mean(dim=(-2, -1)).float()
 
 
 def ssim_paired(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SSIM of a[i] with b[i] (the diagonal of ssim_pairwise, without the [N, N] work): [N, H, W] x
-    [N, H, W] in [-1, 1] -> [N]. DeepSSIM's training targets and the pair benchmarks use it."""
-    x, y = _ssim_inputs(a, b)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"ssim_paired: {x.shape[0]} images vs {y.shape[0]}")
+    """SSIM of a[i] with b[i] only: [N, H, W] x [N, H, W] in [-1, 1] -> [N] (the definition of
+    `ssim_pairwise`, without the N x N matrix; NeMo's cross-seed consistency compares many pairs)."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: images must be at least {SSIM_WINDOW} px, got {tuple(a.shape[-2:])}")
+    x = (a.reshape(-1, *a.shape[-2:]).double() + 1) / 2
+    y = (b.reshape(-1, *b.shape[-2:]).double() + 1) / 2
     mu_x, var_x = _ssim_stats(x)
     mu_y, var_y = _ssim_stats(y)
     n = SSIM_WINDOW * SSIM_WINDOW
     e_xy = F.avg_pool2d((x * y).unsqueeze(1), SSIM_WINDOW, stride=1).squeeze(1)
-    return _ssim_map_mean(mu_x, mu_y, var_x, var_y, (e_xy - mu_x * mu_y) * (n / (n - 1)))
+    return _ssim_index(mu_x, mu_y, var_x, var_y, (e_xy - mu_x * mu_y) * (n / (n - 1)))
