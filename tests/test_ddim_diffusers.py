@@ -29,7 +29,8 @@ def tiny_model() -> ConditionalUNet:
 
 
 def diffusers_ddim(model, tokens, noise, timesteps, guidance, clipped_eps):
-    """DDIM through diffusers' scheduler, the guidance done as memdiff does it (one formula, outside)."""
+    """DDIM through diffusers' scheduler, the guidance done as memdiff does it (one formula, outside).
+    clipped_eps=False is diffusers' DDIM pipeline default (x0 clipped, the network's eps kept)."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers not installed: the DDIM cross-check needs it")
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                                     clip_sample=True, set_alpha_to_one=True, timestep_spacing="linspace")
@@ -60,7 +61,7 @@ def test_memdiff_ddim_matches_diffusers_step_by_step(guidance):
     tokens = VOCAB.encode_batch(["frontal AP chest x-ray, female, 60s: edema"] * 2)
     noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     out = sample(model, tokens, noise, schedule, steps=10, guidance=guidance, sampler="ddim", record_norms=False)
-    reference = diffusers_ddim(model, tokens, noise, timesteps, guidance, clipped_eps=True)
+    reference = diffusers_ddim(model, tokens, noise, timesteps, guidance, clipped_eps=False)
     # memdiff's trajectory step by step: sample()'s loop body (its coefficients and its guided step)
     x, steps = noise.clone(), []
     cond, null = model.encode(tokens), model.encode(null_tokens_like(tokens))
@@ -72,9 +73,9 @@ def test_memdiff_ddim_matches_diffusers_step_by_step(guidance):
         steps.append(x.clone())
         assert torch.allclose(x, reference[i], atol=2e-5), f"step {i} (t = {t}): {float((x - reference[i]).abs().max())}"
     assert torch.allclose(out.images, steps[-1].clamp(-1, 1), atol=1e-6)   # sample() is that loop
-    if guidance > 1:   # diffusers' default keeps the unclipped eps for the direction: a different sampler
-        plain = diffusers_ddim(model, tokens, noise, timesteps, guidance, clipped_eps=False)
-        assert not torch.allclose(plain[-1], reference[-1], atol=1e-3)
+    # eps re-derived from the clipped x0 (guided-diffusion; memdiff before) is a different sampler
+    rederived = diffusers_ddim(model, tokens, noise, timesteps, guidance, clipped_eps=True)
+    assert not torch.allclose(rederived[-1], reference[-1], atol=1e-3)
 
 
 def test_noise_rule_known_answers():
@@ -88,6 +89,13 @@ def test_noise_rule_known_answers():
     # exact values: a ramp's neighbours are perfectly correlated; a checkerboard's perfectly anti-correlated
     assert coherence(np.tile(np.arange(3.0), (3, 1))[None])[0] == pytest.approx(1.0)
     assert coherence(((yy + xx) % 2 * 255).astype(np.uint8)[None])[0] == pytest.approx(-1.0)
+    # independent noise at SNR 1 halves an image's coherence (the rule's definition of "noise")
+    big = (127 + 60 * np.sin(xx / 6.0 + yy / 9.0))[None].repeat(200, 0)
+    big = np.kron(big, np.ones((1, 4, 4)))                               # [200, 128, 128]
+    noisy = big + rng.normal(0, big[0].std(), big.shape)
+    assert coherence(noisy).mean() == pytest.approx(coherence(big[:1])[0] / 2, abs=0.01)
     threshold = noise_threshold(smooth)
+    assert threshold == pytest.approx(coherence(smooth).min() / 2)
+    assert noise_threshold(smooth, snr=4.0) == pytest.approx(coherence(smooth).min() * 0.8)
     share = noise_share(np.concatenate([white[:3], smooth]), threshold)
     assert share["noise"] == 3 and share["n"] == 8 and share["ci95"][0] < 3 / 8 < share["ci95"][1]

@@ -8,10 +8,12 @@ is not "noise" for that reason alone):
 
     coherence(x) = mean of the Pearson correlations of (x[i, j], x[i, j+1]) and (x[i, j], x[i+1, j])
 
-A generation is noise when its coherence is below `margin` times the lowest coherence of any training
-image (margin 0.5: half as coherent as the least coherent real image). The threshold uses the
-training images only, never the generations it judges. A constant image (no variance) has coherence
-0 by definition and counts as failed too.
+Independent pixel noise of variance s2 added to an image of variance v and coherence c0 leaves
+coherence c0 * v / (v + s2): at a signal-to-noise ratio SNR = v / s2 the coherence is
+c0 * SNR / (1 + SNR). A generation is noise when its coherence is below that of the LEAST coherent
+training image at SNR = 1 (as much independent pixel noise as image: half its coherence), and
+"noisy" below SNR = 4 (0.8 of it). The thresholds use the training images only, never the
+generations they judge. A constant image (no variance) has coherence 0 and counts as noise too.
 """
 from __future__ import annotations
 
@@ -38,11 +40,14 @@ def coherence(images: np.ndarray) -> np.ndarray:
     return (horizontal + vertical) / 2
 
 
-def noise_threshold(train_images: np.ndarray, margin: float = 0.5) -> float:
-    """`margin` x the lowest coherence of any training image."""
-    if not 0 < margin <= 1:
-        raise ValueError(f"noise margin: expected in (0, 1], got {margin}")
-    return float(margin * coherence(train_images).min())
+NOISE_SNR, NOISY_SNR = 1.0, 4.0
+
+
+def noise_threshold(train_images: np.ndarray, snr: float = NOISE_SNR) -> float:
+    """Coherence of the least coherent training image with independent noise at `snr` added."""
+    if snr <= 0:
+        raise ValueError(f"noise snr: expected > 0, got {snr}")
+    return float(coherence(train_images).min() * snr / (1 + snr))
 
 
 def noise_share(images: np.ndarray, threshold: float) -> dict:
