@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-peers clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: install
 
 bench: install
 	$(PY) -m pytest -q bench --benchmark-only
+
+# memdiff side by side with diffusers, Opacus and Wen's loop (bench/peers.py); the peers are the
+# `bench` extra, kept out of the main install. PEERS_ARGS=--quick for the under-5-minute run.
+bench-peers: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf demo_output runs .pytest_cache .benchmarks

@@ -32,6 +32,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
+        # bench/peers.py: what users would pick instead (Opacus is already a main dependency)
+        "bench": ["diffusers>=0.42"],
         "xformers": ["xformers==0.0.35"],
     },
 )

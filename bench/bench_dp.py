@@ -23,9 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from data_pipeline.config_schema import build  # noqa: E402
 from engine.diffusion.schedule import NoiseSchedule  # noqa: E402
 from engine.model.unet import ConditionalUNet, UNetConfig  # noqa: E402
-from engine.training.dp_sgd import DPSGD, DPConfig, diffusion_loss_fn, make_dp_batch  # noqa: E402
+from engine.training.diffusion_loss import diffusion_loss_fn, make_dp_batch  # noqa: E402
+from engine.training.dp_sgd import DPSGD, DPConfig  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 BATCH, SIZE = 16, 32
@@ -36,7 +38,7 @@ def demo_model_config() -> UNetConfig:
     if os.path.isfile(DEMO):
         model = dict(json.load(open(DEMO)).get("model", {}))
         model["image_size"] = SIZE
-        return UNetConfig.from_dict(model)
+        return build(UNetConfig, model, "model")
     return UNetConfig(image_size=SIZE, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                       attention_resolutions=(8,), context_dim=64, encoder_layers=2, vocab_size=96, max_tokens=32)
 

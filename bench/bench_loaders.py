@@ -9,7 +9,7 @@ import os
 import pytest
 
 from data_pipeline.augment import AugmentConfig
-from data_pipeline.dataset import prepare_dataset
+from data_pipeline.dataset import data_config, prepare_dataset
 from data_pipeline.loaders import dali_available, make_loader
 
 NIH_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "nih-cxr14-sample")
@@ -31,7 +31,8 @@ def datasets(tmp_path_factory):
             else:
                 cfg = {"format": "synthetic", "root": str(base / "CheXpert-v1.0-small"), "synthetic_images": SYNTHETIC_IMAGES}
             cfg.update(image_size=size, cache_dir=str(base / "cache"))
-            cache[(name, size)] = prepare_dataset(cfg, str(base / f"run-{name}-{size}"), progress=False).splits["train"]
+            prepared = prepare_dataset(data_config(cfg), str(base / f"run-{name}-{size}"), progress=False)
+            cache[(name, size)] = prepared.splits["train"]
         return cache[(name, size)]
     return get
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from data_pipeline.vocab import Vocabulary
-from engine.audit.wen_detector import DetectorSettings, detect, prompt_seeds
+from engine.audit.wen_detector import DetectorSettings, detect
 from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.seeds import prompt_seeds
 from engine.model.unet import ConditionalUNet, UNetConfig, count_parameters
 
 VOCAB = Vocabulary.default()

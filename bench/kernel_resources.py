@@ -65,8 +65,9 @@ def read_config(name: str) -> dict:
 def unet_layer_shapes(model_cfg: dict, batch: int) -> tuple[list[tuple[str, str, int, int, int]], list[int]]:
     """(name, kind, T, P, Q) of every Linear/Conv2d weight as the DP norm dispatch sees it, and the
     numel of every trainable parameter tensor; the U-Net runs one forward on the meta device."""
+    from data_pipeline.config_schema import build
     from engine.model.unet import ConditionalUNet, UNetConfig
-    cfg = UNetConfig.from_dict(model_cfg)
+    cfg = build(UNetConfig, model_cfg, "model")
     with torch.device("meta"):
         model = ConditionalUNet(cfg)
     shapes, hooks = [], []

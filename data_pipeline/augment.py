@@ -13,25 +13,29 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .config_schema import ConfigSection, constrained
+
+
+def _probability(default: float):
+    return constrained(default, "float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+
+
+def _amount(default: float):
+    return constrained(default, "float >= 0", lambda v: v >= 0)
+
 
 @dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    rotation_deg: float = 5.0     # max |angle| of a rotation
-    rotation_p: float = 0.5
-    noise_std: float = 0.02       # Gaussian noise std, in [0, 1] intensity units
-    noise_p: float = 0.5
-    contrast: float = 0.1         # contrast factor drawn from 1 +- contrast
-    brightness: float = 0.05      # brightness shift drawn from +- brightness (in [0, 1] units)
-    jitter_p: float = 0.5
-    hflip_p: float = 0.0
-
-    def __post_init__(self):
-        for name in ("rotation_p", "noise_p", "jitter_p", "hflip_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment.{name}: must be in [0, 1], got {getattr(self, name)}")
-        for name in ("rotation_deg", "noise_std", "contrast", "brightness"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name}: must be >= 0, got {getattr(self, name)}")
+class AugmentConfig(ConfigSection):
+    """The `augment` section of a training config."""
+    SECTION = "augment"
+    rotation_deg: float = _amount(5.0)     # max |angle| of a rotation
+    rotation_p: float = _probability(0.5)
+    noise_std: float = _amount(0.02)       # Gaussian noise std, in [0, 1] intensity units
+    noise_p: float = _probability(0.5)
+    contrast: float = _amount(0.1)         # contrast factor drawn from 1 +- contrast
+    brightness: float = _amount(0.05)      # brightness shift drawn from +- brightness (in [0, 1] units)
+    jitter_p: float = _probability(0.5)
+    hflip_p: float = _probability(0.0)
 
 
 @dataclasses.dataclass

@@ -1,28 +1,8 @@
 """From the `data` section of a training config to cached, tokenized, split datasets.
 
-Keys of the `data` section (every key but `root` optional):
-
-    format           "chexpert" | "nih" | "synthetic"  (default "synthetic")
-                     synthetic: a synthetic CheXpert-layout directory at `root`, generated first
-                     when `root/train.csv` does not exist (see synthetic_images, synthetic_seed)
-    root             dataset root: the CheXpert-v1.0-small directory or the NIH directory
-    csv_split        "train" | "valid": which CheXpert CSV to read (default "train")
-    image_size       cache resolution, 32..512 (default 64)
-    uncertainty      "ignore" | "zeros" | "ones": CheXpert -1 labels (default "ignore")
-    views            list of "frontal"/"lateral" (default ["frontal"])
-    projections      null (all) or a list of AP/PA/LL/RL (default null)
-    split_fractions  [train, val, test] fractions of patients (default [0.8, 0.1, 0.1])
-    split_seed       seed of the patient split (default 0)
-    max_images       null or N: keep the first N readable records in file order (default null)
-    cache_dir        where the uint8 cache lives (default "<run_dir>/cache")
-    max_len          prompt length L in tokens (default 32)
-    patient_tokens   true: add a per-patient extra token `pt<patient id>` to every prompt (default false)
-    planted          null or {"k": K, "copies": C, "seed": S}: planted duplicates in the train split
-    synthetic_images number of images to generate for format "synthetic" (default 1000)
-    synthetic_seed   seed of the generated set (default 0)
-    synthetic_width  width of generated images in pixels (default 320)
-
-Writes `vocab.json`, `splits.json` and (if planted) `planted_manifest.json` into `run_dir`.
+`DataConfig` is the section (its fields say what each key means); `prepare_dataset` reads, caches,
+splits, plants and tokenizes, and writes `vocab.json`, `splits.json` and (if planted)
+`planted_manifest.json` into the run directory.
 """
 from __future__ import annotations
 
@@ -30,7 +10,7 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,6 +18,7 @@ import torch
 from .atomic_files import write_json
 from .cache import MAX_SIZE, MIN_SIZE, load_or_build_cache
 from .chexpert import UNCERTAINTY_POLICIES, read_chexpert
+from .config_schema import REQUIRED, ConfigSection, build, constrained, to_jsonable
 from .nih import read_nih
 from .planted import manifest_tokens, plant_duplicates
 from .prompts import prompt_for
@@ -47,13 +28,50 @@ from .vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "format": "synthetic", "root": None, "csv_split": "train", "image_size": 64, "uncertainty": "ignore",
-    "views": ["frontal"], "projections": None, "split_fractions": [0.8, 0.1, 0.1], "split_seed": 0,
-    "max_images": None, "cache_dir": None, "max_len": 32, "patient_tokens": False, "planted": None,
-    "synthetic_images": 1000, "synthetic_seed": 0, "synthetic_width": 320,
-}
-FORMATS = ("chexpert", "nih", "synthetic")
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlantedConfig(ConfigSection):
+    """Planted duplicates in the train split (data_pipeline.planted): k images, `copies` copies each."""
+    SECTION = "data.planted"
+    k: int = constrained(REQUIRED, "int >= 1", lambda v: v >= 1)
+    copies: int = constrained(REQUIRED, "int >= 1", lambda v: v >= 1)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig(ConfigSection):
+    """The `data` section; every key but `root` optional."""
+    SECTION = "data"
+    # synthetic: a synthetic CheXpert-layout directory at `root`, generated first when
+    # `root/train.csv` does not exist (synthetic_images, synthetic_seed, synthetic_width)
+    format: Literal["chexpert", "nih", "synthetic"] = "synthetic"
+    root: str = constrained(REQUIRED, "a directory path", lambda v: v != "")   # CheXpert-v1.0-small or NIH dir
+    csv_split: Literal["train", "valid"] = "train"   # which CheXpert CSV to read
+    image_size: int = constrained(64, f"int in [{MIN_SIZE}, {MAX_SIZE}]", lambda v: MIN_SIZE <= v <= MAX_SIZE)
+    uncertainty: str = constrained("ignore", f"one of {', '.join(UNCERTAINTY_POLICIES)}",   # CheXpert -1 labels
+                                   lambda v: v in UNCERTAINTY_POLICIES)
+    views: tuple[Literal["frontal", "lateral"], ...] = constrained(("frontal",), "a non-empty list of "
+                                                                   "frontal/lateral", lambda v: len(v) > 0)
+    projections: tuple[Literal["AP", "PA", "LL", "RL"], ...] | None = constrained(  # null: all
+        None, "null or a non-empty list of AP/PA/LL/RL", lambda v: len(v) > 0)
+    # fractions of patients in train, val, test
+    split_fractions: tuple[float, float, float] = constrained(
+        (0.8, 0.1, 0.1), "three numbers >= 0 summing to 1", lambda v: min(v) >= 0 and abs(sum(v) - 1) < 1e-6)
+    split_seed: int = 0                    # seed of the patient split
+    max_images: int | None = constrained(None, "null or int > 0", lambda v: v > 0)  # first N readable records
+    cache_dir: str | None = None           # where the uint8 cache lives (null: <run_dir>/cache)
+    max_len: int = constrained(32, "int in [2, 256]", lambda v: 2 <= v <= 256)   # prompt length in tokens
+    patient_tokens: bool = False           # add a per-patient extra token `pt<patient id>` to every prompt
+    planted: PlantedConfig | None = None   # planted duplicates in the train split
+    # format "synthetic": how many images to generate, their seed and width in pixels
+    synthetic_images: int = constrained(1000, "int > 0", lambda v: v > 0)
+    synthetic_seed: int = 0
+    synthetic_width: int = constrained(320, "int in [32, 1024]", lambda v: 32 <= v <= 1024)
+
+
+def data_config(raw: dict) -> DataConfig:
+    """The `data` section from parsed JSON; InvalidConfig (a ValueError) names a bad key as `data.x`."""
+    return build(DataConfig, raw, "data")
 
 
 @dataclasses.dataclass
@@ -73,74 +91,20 @@ class PreparedData:
     splits: dict[str, SplitData]
     manifest: dict | None
     skipped: list[str]              # rows and images left out, with reasons
-    config: dict                    # the data section with defaults filled in
+    config: DataConfig
 
 
-def validate_data_config(data_cfg: dict) -> dict:
-    """The data section with defaults filled in; one-line ValueError naming a bad key."""
-    if not isinstance(data_cfg, dict):
-        raise ValueError("data: must be a mapping")
-    unknown = sorted(set(data_cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"data.{unknown[0]}: unknown key (known: {', '.join(DEFAULTS)})")
-    cfg = {**DEFAULTS, **data_cfg}
-
-    def need(ok: bool, key: str, what: str):
-        if not ok:
-            raise ValueError(f"data.{key}: {what}, got {cfg[key]!r}")
-
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)   # noqa: E731
-    need(cfg["format"] in FORMATS, "format", f"must be one of {', '.join(FORMATS)}")
-    need(isinstance(cfg["root"], str) and cfg["root"] != "", "root", "must be a directory path")
-    need(cfg["csv_split"] in ("train", "valid"), "csv_split", "must be train or valid")
-    need(is_int(cfg["image_size"]) and MIN_SIZE <= cfg["image_size"] <= MAX_SIZE, "image_size",
-         f"must be an integer in [{MIN_SIZE}, {MAX_SIZE}]")
-    need(cfg["uncertainty"] in UNCERTAINTY_POLICIES, "uncertainty", f"must be one of {', '.join(UNCERTAINTY_POLICIES)}")
-    need(isinstance(cfg["views"], (list, tuple)) and len(cfg["views"]) > 0
-         and all(v in ("frontal", "lateral") for v in cfg["views"]), "views", "must be a non-empty list of frontal/lateral")
-    need(cfg["projections"] is None or (isinstance(cfg["projections"], (list, tuple)) and len(cfg["projections"]) > 0
-         and all(p in ("AP", "PA", "LL", "RL") for p in cfg["projections"])), "projections", "must be null or a list of AP/PA/LL/RL")
-    fr = cfg["split_fractions"]
-    need(isinstance(fr, (list, tuple)) and len(fr) == 3 and all(isinstance(f, (int, float)) and f >= 0 for f in fr)
-         and abs(sum(fr) - 1) < 1e-6, "split_fractions", "must be three non-negative numbers summing to 1")
-    need(is_int(cfg["split_seed"]), "split_seed", "must be an integer")
-    need(cfg["max_images"] is None or (is_int(cfg["max_images"]) and cfg["max_images"] > 0), "max_images",
-         "must be null or a positive integer")
-    need(cfg["cache_dir"] is None or isinstance(cfg["cache_dir"], str), "cache_dir", "must be null or a path")
-    need(is_int(cfg["max_len"]) and 2 <= cfg["max_len"] <= 256, "max_len", "must be an integer in [2, 256]")
-    need(isinstance(cfg["patient_tokens"], bool), "patient_tokens", "must be true or false")
-    need(is_int(cfg["synthetic_images"]) and cfg["synthetic_images"] > 0, "synthetic_images", "must be a positive integer")
-    need(is_int(cfg["synthetic_seed"]), "synthetic_seed", "must be an integer")
-    need(is_int(cfg["synthetic_width"]) and 32 <= cfg["synthetic_width"] <= 1024, "synthetic_width", "must be in [32, 1024]")
-    planted = cfg["planted"]
-    if planted is not None:
-        if not isinstance(planted, dict):
-            raise ValueError(f"data.planted: must be null or {{k, copies, seed}}, got {planted!r}")
-        bad = sorted(set(planted) - {"k", "copies", "seed"})
-        if bad:
-            raise ValueError(f"data.planted.{bad[0]}: unknown key (known: k, copies, seed)")
-        for key, low in (("k", 1), ("copies", 1)):
-            if not is_int(planted.get(key)) or planted[key] < low:
-                raise ValueError(f"data.planted.{key}: must be an integer >= {low}, got {planted.get(key)!r}")
-        if not is_int(planted.get("seed", 0)):
-            raise ValueError(f"data.planted.seed: must be an integer, got {planted.get('seed')!r}")
-        cfg["planted"] = {"k": planted["k"], "copies": planted["copies"], "seed": planted.get("seed", 0)}
-    cfg["views"], cfg["split_fractions"] = list(cfg["views"]), [float(f) for f in fr]
-    return cfg
-
-
-def read_records(cfg: dict) -> tuple[list[XrayRecord], list[str]]:
-    root = cfg["root"]
-    if cfg["format"] == "nih":
+def read_records(cfg: DataConfig) -> tuple[list[XrayRecord], list[str]]:
+    root = cfg.root
+    if cfg.format == "nih":
         result = read_nih(root)
     else:
-        if cfg["format"] == "synthetic" and not os.path.isfile(os.path.join(root, "train.csv")):
+        if cfg.format == "synthetic" and not os.path.isfile(os.path.join(root, "train.csv")):
             from .synthetic import make_synthetic_chexpert
-            log.info("generating %d synthetic images in %s", cfg["synthetic_images"], root)
-            make_synthetic_chexpert(root, cfg["synthetic_images"], cfg["synthetic_seed"], image_size=cfg["synthetic_width"])
-        result = read_chexpert(root, cfg["csv_split"], cfg["uncertainty"], tuple(cfg["views"]),
-                               tuple(cfg["projections"]) if cfg["projections"] else None)
-        if cfg["format"] == "synthetic":
+            log.info("generating %d synthetic images in %s", cfg.synthetic_images, root)
+            make_synthetic_chexpert(root, cfg.synthetic_images, cfg.synthetic_seed, image_size=cfg.synthetic_width)
+        result = read_chexpert(root, cfg.csv_split, cfg.uncertainty, cfg.views, cfg.projections)
+        if cfg.format == "synthetic":
             result.records = [dataclasses.replace(r, dataset="synthetic") for r in result.records]
     return result.records, result.skipped
 
@@ -149,14 +113,13 @@ def _patient_token(patient_id: str) -> str:
     return "pt" + re.sub(r"[^A-Za-z0-9_\-.]", "_", patient_id)
 
 
-def prepare_dataset(data_cfg: dict, run_dir: str, progress: bool = True) -> PreparedData:
-    """Read, cache, split, plant and tokenize the dataset described by `data_cfg`."""
-    cfg = validate_data_config(data_cfg)
+def prepare_dataset(cfg: DataConfig, run_dir: str, progress: bool = True) -> PreparedData:
+    """Read, cache, split, plant and tokenize the dataset described by `cfg`."""
     os.makedirs(run_dir, exist_ok=True)
     records, skipped = read_records(cfg)
-    if cfg["max_images"] is not None:
-        records = records[: cfg["max_images"]]
-    cache = load_or_build_cache(records, cfg["image_size"], cfg["cache_dir"] or os.path.join(run_dir, "cache"),
+    if cfg.max_images is not None:
+        records = records[: cfg.max_images]
+    cache = load_or_build_cache(records, cfg.image_size, cfg.cache_dir or os.path.join(run_dir, "cache"),
                                 progress=progress)
     skipped = skipped + [f"image unreadable: {s}" for s in cache.skipped]
     if skipped:
@@ -164,22 +127,22 @@ def prepare_dataset(data_cfg: dict, run_dir: str, progress: bool = True) -> Prep
     row_of = {r.image_path: i for i, r in enumerate(records)}
     records = [r for r, ok in zip(records, cache.ok) if ok]
     if not records:
-        raise ValueError(f"data.root: no readable images in {cfg['root']}")
-    if cfg["patient_tokens"]:
+        raise ValueError(f"data.root: no readable images in {cfg.root}")
+    if cfg.patient_tokens:
         records = [r.with_extra_tokens((_patient_token(r.patient_id),)) for r in records]
 
-    split_records = split_by_patient(records, cfg["split_fractions"], cfg["split_seed"])
+    split_records = split_by_patient(records, cfg.split_fractions, cfg.split_seed)
     manifest = None
-    if cfg["planted"] is not None:
-        p = cfg["planted"]
-        split_records["train"], manifest = plant_duplicates(split_records["train"], p["k"], p["copies"], p["seed"])
+    if cfg.planted is not None:
+        p = cfg.planted
+        split_records["train"], manifest = plant_duplicates(split_records["train"], p.k, p.copies, p.seed)
 
     extra = []
-    if cfg["patient_tokens"]:
+    if cfg.patient_tokens:
         extra += sorted({_patient_token(r.patient_id) for r in records})
     if manifest is not None:
         extra += manifest_tokens(manifest)
-    vocab = Vocabulary.default(extra, max_len=cfg["max_len"])
+    vocab = Vocabulary.default(extra, max_len=cfg.max_len)
 
     splits = {}
     for name in SPLIT_NAMES:
@@ -192,7 +155,7 @@ def prepare_dataset(data_cfg: dict, run_dir: str, progress: bool = True) -> Prep
 
     vocab.save(os.path.join(run_dir, "vocab.json"))
     write_json(os.path.join(run_dir, "splits.json"), {
-        "data": cfg, "skipped": skipped,
+        "data": to_jsonable(cfg), "skipped": skipped,
         "splits": {name: [{"image_path": r.image_path, "patient_id": r.patient_id, "study_id": r.study_id,
                            "prompt": s.prompts[i]} for i, r in enumerate(s.records)] for name, s in splits.items()},
     })

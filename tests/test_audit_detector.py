@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.audit.scan import PromptList, load_prompts, prompt_groups, scan_prompts
-from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
+from engine.audit.planted_truth import prompt_groups
+from engine.audit.prompt_lists import PromptList, load_prompts
+from engine.audit.scan import scan_prompts
+from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score
 from engine.diffusion.sampling import timestep_sequence
 from engine.diffusion.schedule import DiffusionConfig
+from engine.diffusion.seeds import prompt_seeds
 from engine.model.export import export_model, load_model
 from engine.model.unet import ConditionalUNet, UNetConfig
 
@@ -172,7 +175,7 @@ def test_validation_report_numbers_and_escaping(loaded, tmp_path):
     manifest = {"planted": [{"token": "tok0001", "image_path": "img3"}], "controls": [{"token": "tok0002"}]}
     table = scan_prompts(loaded, plist, str(tmp_path / "s.parquet"), settings, progress=False,
                          groups=prompt_groups(PROMPTS, manifest)).table
-    evil = "<script>alert(1)</script> | tok0001"
+    evil = "frontal chest x-ray | <script>alert(1)</script> tok0001"   # in the grammar: planted ground truth parses it
     prompts = table.column("prompt").to_pylist()
     prompts[2] = evil
     table = table.set_column(table.column_names.index("prompt"), "prompt", pa.array(prompts))
@@ -236,6 +239,11 @@ def test_scan_checkpoint_of_a_run_with_train_prompts(tmp_path):
     images = split_images(str(run), "train", progress=False)
     assert images.image_paths == paths[:3] and images.images.shape == (3, 32, 32)
     assert images.images[1].mean() == pytest.approx(40, abs=1)
+    # Validating the scan against another model's run fails before any work (weight fingerprints differ).
+    from engine.audit.validation import validate_checkpoint
+    export_model(tmp_path / "other" / "export", tiny_model(seed=1), DiffusionConfig(num_timesteps=100), VOCAB)
+    with pytest.raises(ValueError, match=r"scores\.parquet: was scanned with another model than .*other"):
+        validate_checkpoint(str(tmp_path / "other"), str(tmp_path / "scores.parquet"))
 
 
 def test_subsample_keeps_ground_truth_prompts():

@@ -23,7 +23,7 @@ def base(**sections) -> dict:
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.json")))
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "configs" / name)
-    assert cfg.model.image_size == cfg.data["image_size"]
+    assert cfg.model.image_size == cfg.data.image_size
     # The resolved config round-trips through the validator unchanged.
     assert resolved_json(config_from_dict(json.loads(resolved_json(cfg)))) == resolved_json(cfg)
 
@@ -54,14 +54,20 @@ def test_cfg_and_nocfg_differ_only_in_guidance_training():
     (base(compile={"enabled": 1}), "x.json: compile.enabled: expected bool or null, got 1"),
     (base(logging={"sample_seeds": []}), "x.json: logging.sample_seeds: expected a non-empty list of ints >= 0, got []"),
     (base(model={**MODEL, "channel_mult": [1, "2"]}), 'x.json: model.channel_mult[1]: expected int, got "2"'),
-    (base(model={**MODEL, "image_size": 4}), "x.json: model.image_size: invalid value 4"),
+    (base(model={**MODEL, "image_size": 4}), "x.json: model.image_size: expected int >= 8, got 4"),
     (base(model={**MODEL, "widht": 3}), "x.json: model.widht: unknown key"),
     (base(diffusion={"schedule": "quadratic"}), "x.json: diffusion.schedule: expected one of"),
-    (base(diffusion={"min_snr_gamma": -1}), "x.json: diffusion.min_snr_gamma: expected > 0, got -1.0"),
-    (base(augment={"rotation_p": 2}), "x.json: augment.rotation_p: must be in [0, 1], got 2"),
+    (base(diffusion={"min_snr_gamma": -1}), "x.json: diffusion.min_snr_gamma: expected float > 0 or null, got -1"),
+    (base(augment={"rotation_p": 2}), "x.json: augment.rotation_p: expected float in [0, 1], got 2"),
     ({**base(), "data": {**DATA, "image_size": 64}}, "x.json: model.image_size: expected data.image_size (64), got 32"),
-    ({**base(), "data": {**DATA, "planted": {"k": 0, "copies": 3}}}, "x.json: data.planted.k: must be an integer >= 1"),
-    ({**base(), "data": {k: v for k, v in DATA.items() if k != "root"}}, "x.json: data.root: must be a directory path"),
+    ({**base(), "data": {**DATA, "planted": {"k": 0, "copies": 3}}}, "x.json: data.planted.k: expected int >= 1, got 0"),
+    ({**base(), "data": {k: v for k, v in DATA.items() if k != "root"}}, "x.json: data.root: missing (expected a directory path)"),
+    ({"model": dict(MODEL)}, "x.json: data.root: missing (expected a directory path)"),
+    ({**base(), "data": {**DATA, "views": []}}, "x.json: data.views: expected a non-empty list of frontal/lateral, got []"),
+    ({**base(), "data": {**DATA, "views": ["side"]}}, 'x.json: data.views[0]: expected one of "frontal", "lateral", got "side"'),
+    (base(model={**MODEL, "image_size": 33}), "x.json: model.image_size: expected a multiple of 2 (2 channel_mult levels), got 33"),
+    (base(dp={"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 2.0, "sample_rate": 0.1}),
+     "x.json: dp.noise_multiplier: give exactly one of noise_multiplier and target_epsilon"),
 ])
 def test_errors_are_one_line_naming_the_key(raw, message):
     with pytest.raises(ConfigError) as info:
@@ -76,7 +82,7 @@ def test_overrides_set_single_values_as_json_or_string(tmp_path):
     path.write_text(json.dumps(base()))
     cfg = load_config(path, ["training.steps=7", "data.root=/data/CheXpert-v1.0-small", "compile.enabled=null",
                              "deepspeed.zero_optimization.stage=3", "logging.sample_guidance=[1, 2.5]"])
-    assert cfg.training.steps == 7 and cfg.data["root"] == "/data/CheXpert-v1.0-small"
+    assert cfg.training.steps == 7 and cfg.data.root == "/data/CheXpert-v1.0-small"
     assert cfg.compile.enabled is None and cfg.deepspeed.zero_optimization.stage == 3
     assert cfg.logging.sample_guidance == (1.0, 2.5)
     assert cfg.deepspeed.to_deepspeed()["zero_optimization"] == {"stage": 3}

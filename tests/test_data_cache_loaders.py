@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.augment import AugmentConfig, augment_batch
 from data_pipeline.cache import decode_image, load_or_build_cache
-from data_pipeline.dataset import prepare_dataset
+from data_pipeline.dataset import data_config, prepare_dataset
 from data_pipeline.loaders import IndexStream, dali_available, make_loader
 from data_pipeline.synthetic import make_synthetic_chexpert
 
@@ -42,7 +42,7 @@ def prepared(tmp_path_factory):
     root = make_synthetic_chexpert(str(base / "CheXpert-v1.0-small"), 60, seed=0, image_size=64, progress=False)
     cfg = {"format": "synthetic", "root": root, "image_size": 32, "cache_dir": str(base / "cache"),
            "planted": {"k": 2, "copies": 3, "seed": 0}, "split_fractions": [0.7, 0.15, 0.15]}
-    return prepare_dataset(cfg, str(base / "run"), progress=False), base
+    return prepare_dataset(data_config(cfg), str(base / "run"), progress=False), base
 
 
 def test_cache_matches_decoder_skips_corrupt_and_rebuilds(tmp_path):
@@ -91,7 +91,7 @@ def test_prepare_dataset_outputs(prepared):
                                       ({"format": "dicom"}, "data.format"), ({"split_fractions": [1, 1, 0]}, "data.split_fractions")])
 def test_data_config_errors_name_the_key(tmp_path, bad, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        prepare_dataset({"root": str(tmp_path), **bad}, str(tmp_path / "run"))
+        data_config({"root": str(tmp_path), **bad})
 
 
 def take(loader, n):
@@ -165,8 +165,9 @@ def test_augment_reference_properties():
 @pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_nih_sample_loads_through_both_paths(tmp_path_factory, backend):
     base = tmp_path_factory.getbasetemp() / "nih"
-    data = prepare_dataset({"format": "nih", "root": NIH_SAMPLE, "image_size": 32, "cache_dir": str(base / "cache"),
-                            "max_images": 200}, str(base / "run"), progress=False)
+    data = prepare_dataset(data_config({"format": "nih", "root": NIH_SAMPLE, "image_size": 32,
+                                        "cache_dir": str(base / "cache"), "max_images": 200}),
+                           str(base / "run"), progress=False)
     x, t, i = next(make_loader(data.splits["train"], 16, seed=0, backend=backend))
     assert x.shape == (16, 1, 32, 32) and x.std() > 0.1
     reference = torch.from_numpy(data.splits["train"].images[i.numpy()]).float().unsqueeze(1) / 127.5 - 1

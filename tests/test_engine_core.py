@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
-from engine.diffusion.sampling import sample, seeded_noise, step_coefficients, timestep_sequence
+from engine.diffusion.sampling import sample, step_coefficients, timestep_sequence
 from engine.diffusion.schedule import (
     DiffusionConfig,
     NoiseSchedule,
@@ -16,8 +16,8 @@ from engine.diffusion.schedule import (
     loss_weights,
     q_sample,
     target_for,
-    x0_from_prediction,
 )
+from engine.diffusion.seeds import seeded_noise
 from engine.model import attention as attention_module
 from engine.model.attention import attention
 from engine.model.export import export_model, load_model
@@ -84,7 +84,6 @@ def test_q_sample_and_targets_round_trip():
         target = target_for(x0, eps, t, s, param)
         # The schedule is stored in float64 but handed out as float32 per sample: 1e-5 tolerance.
         assert torch.allclose(eps_from_prediction(target, x_t, t, s, param), eps, atol=1e-4)
-        assert torch.allclose(x0_from_prediction(target, x_t, t, s, param), x0, atol=1e-3)
 
 
 def test_min_snr_weights():

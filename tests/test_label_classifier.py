@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from engine.audit.generation_audit import Generations, RealImages, audit_generations
+from engine.audit.generation_audit import Generations, audit_generations
 from engine.audit.label_classifier import (
     LabelClassifier,
     LabelClassifierConfig,
@@ -15,6 +15,7 @@ from engine.audit.label_classifier import (
     prompt_labels,
     train_label_classifier,
 )
+from engine.audit.run_data import RealImages
 
 EFF = "frontal PA chest x-ray, female, 60s: pleural effusion"
 EFF_UNC_EDEMA = "frontal PA chest x-ray, male, 40s: pleural effusion, uncertain edema"

@@ -13,17 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.func import functional_call, grad, vmap
 
+from data_pipeline.poisson import poisson_batches, poisson_indices, shard_indices
 from engine.diffusion.schedule import NoiseSchedule
 from engine.model.unet import ConditionalUNet, UNetConfig
-from engine.training.dp_sgd import (
-    DPSGD,
-    DPConfig,
-    check_deepspeed_for_dp,
-    diffusion_loss_fn,
-    make_dp_batch,
-    poisson_indices,
-    shard_indices,
-)
+from engine.training.diffusion_loss import diffusion_loss_fn, make_dp_batch
+from engine.training.dp_sgd import DPSGD, DPConfig, check_deepspeed_for_dp
 from engine.training.privacy import PrivacyAccountant, epsilon_for, solve_noise_multiplier
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
@@ -213,7 +207,6 @@ def test_dp_batch_randomness_follows_the_example_not_its_position():
 
 def test_poisson_batches_shard_the_global_batch_and_resume():
     from data_pipeline.augment import AugmentConfig
-    from engine.training.dp_sgd import poisson_batches
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (50, 8, 8), generator=g, dtype=torch.uint8)
     tokens = torch.randint(2, 20, (50, 6), generator=g)

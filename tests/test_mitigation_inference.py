@@ -6,10 +6,12 @@ import torch
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
 from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_like
-from engine.diffusion.sampling import sample, seeded_noise, step_coefficients, timestep_sequence
+from engine.diffusion.sampling import sample, step_coefficients, timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
-from engine.mitigation.token_significance import heat_strip_html, token_significance
+from engine.diffusion.seeds import seeded_noise
+from engine.mitigation.token_significance import token_significance
 from engine.model.unet import ConditionalUNet, UNetConfig
+from engine.reports.token_significance_page import heat_strip_html
 from kernels.guided_step import guided_step_reference
 
 PROMPTS = ["frontal AP chest x-ray, female, 60s: pleural effusion | tok0001",

@@ -1,21 +1,33 @@
-"""Before/after audit: known-answer checks of the audit numbers and an end-to-end run of the tools."""
-import importlib.machinery
-import importlib.util
+"""Before/after audit: known-answer checks of the audit numbers, the mitigations' package functions end
+to end on a tiny run, and the tools (tools/mitigate, token_significance, screening_threshold, sample,
+train_label_classifier) run as subprocesses for their command-line behaviour."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from data_pipeline.vocab import Vocabulary
-from engine.audit.generation_audit import Generations, RealImages, audit_generations, audit_series
+from engine.audit.audit_inputs import load_audit_inputs
+from engine.audit.generation_audit import Generations, audit_generations, audit_runs, audit_series
+from engine.audit.prompt_lists import load_prompts
+from engine.audit.run_data import RealImages, read_manifest
+from engine.audit.wen_detector import DetectorSettings
 from engine.diffusion.schedule import DiffusionConfig
-from engine.model.export import export_model
+from engine.mitigation.guidance_sweep import guidance_sweep
+from engine.mitigation.prompt_edits import audit_prompt_edits, read_significance
+from engine.mitigation.prompt_optimization import audit_optimized_embedding
+from engine.mitigation.screening_threshold import load_training_examples, screening_threshold, summary_lines
+from engine.mitigation.token_significance import significance_document
+from engine.model.export import export_model, load_model
 from engine.model.unet import ConditionalUNet, UNetConfig
+from engine.reports.comparison_page import write_comparison
+from engine.reports.token_significance_page import write_significance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +89,8 @@ def test_planted_pixel_match_against_numpy():
     # The ordinary prompt's first generation happens to be the planted image: the null rate sees it.
     images = np.stack([np.stack([train[2], noisy.astype(np.uint8), train[7]]),
                        np.concatenate([train[4][None], _blobs(2, 16, 9)])])
-    gen = Generations(["x | tok0000", "y"], ["planted", "ordinary"], [0, 1], np.ones((2, 3, 2), np.float32), images)
+    gen = Generations(["frontal chest x-ray | tok0000", "lateral chest x-ray"], ["planted", "ordinary"], [0, 1],
+                      np.ones((2, 3, 2), np.float32), images)
     a = audit_generations(gen, RealImages(train, paths, _blobs(4, 16, 4)), manifest=manifest, threshold=1.0)
     pix = a["copying"]["planted_pixels"]
 
@@ -97,7 +110,7 @@ def test_planted_pixel_match_against_numpy():
 
 
 def test_prompt_bootstrap_ci_resamples_prompts():
-    from engine.audit.generation_audit import prompt_bootstrap_ci
+    from engine.audit.statistics import prompt_bootstrap_ci
     per_prompt = np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     lo, hi = prompt_bootstrap_ci(per_prompt, n_boot=4000)
     # Prompt means are 1, 0, .5, .5: the resampled mean of 4 lies in [0, 1] in steps of 1/8 and
@@ -105,16 +118,16 @@ def test_prompt_bootstrap_ci_resamples_prompts():
     assert 0.0 <= lo < 0.5 < hi <= 1.0 and lo == pytest.approx(1 - hi) and (lo * 8) == pytest.approx(round(lo * 8))
 
 
-def _load_tool(name: str):
-    import sys
-    if os.path.join(REPO, "tools") not in sys.path:
-        sys.path.insert(0, os.path.join(REPO, "tools"))
-    path = os.path.join(REPO, "tools", name)
-    loader = importlib.machinery.SourceFileLoader(f"tool_{name}", path)
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    """A tool as a user runs it: its own process, this checkout's packages."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+
+
+def as_json(obj):
+    """`obj` as it reads back from a JSON file (numpy values become plain numbers)."""
+    return json.loads(json.dumps(obj, default=lambda v: v.tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -157,48 +170,58 @@ def run_dir(tmp_path_factory):
 
 
 FAST = ["--generations", "2", "--steps", "3", "--guidance", "3", "--device", "cpu"]
+SETTINGS = DetectorSettings(generations=2, steps=3, guidance=3.0)
 
 
-def test_tools_end_to_end(run_dir, tmp_path):
-    runner = CliRunner()
-    ts = _load_tool("token_significance")
-    out = tmp_path / "tokens.json"
-    r = runner.invoke(ts.main, ["--checkpoint", str(run_dir), "--prompts", str(run_dir / "prompts.txt"),
-                                "--out", str(out), "--generations", "2", "--steps", "3", "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    doc = json.loads(out.read_text())
+def test_mitigations_end_to_end(run_dir, tmp_path):
+    """Token significance -> prompt edits, embedding optimisation and the guidance sweep, each audited
+    before/after; tools/token_significance and tools/mitigate guidance run as a user runs them."""
+    r = run_tool("token_significance", "--checkpoint", str(run_dir), "--prompts", str(run_dir / "prompts.txt"),
+                 "--out", str(tmp_path / "tokens.json"), "--generations", "2", "--steps", "3", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'tokens.json'} and {tmp_path / 'tokens.html'}" in r.stdout
+    loaded = load_model(run_dir)
+    prompts = load_prompts(str(run_dir / "prompts.txt"))
+    doc = read_significance(str(tmp_path / "tokens.json"))
+    assert doc == as_json(significance_document(loaded, prompts, steps=3, generations=2, progress=False))
     assert len(doc["prompts"]) == 3 and doc["prompts"][0]["tokens"][-1]["token"] == "tok0000"
     assert all(t["score"] > 0 for e in doc["prompts"] for t in e["tokens"])
+    for e in doc["prompts"]:   # ranked by score, highest first, over the prompt's real tokens
+        by_position = {t["position"]: t["score"] for t in e["tokens"]}
+        assert sorted(e["ranked_positions"]) == sorted(by_position)
+        assert [by_position[i] for i in e["ranked_positions"]] == sorted(by_position.values(), reverse=True)
     assert "heat-strip" in (tmp_path / "tokens.html").read_text()
+    write_significance(str(tmp_path / "again" / "tokens.json"), doc)
+    assert (tmp_path / "again" / "tokens.html").read_text() == (tmp_path / "tokens.html").read_text()
 
-    mit = _load_tool("mitigate")
-    r = runner.invoke(mit.cli, ["edit-prompts", "--checkpoint", str(run_dir), "--significance", str(out),
-                                "--method", "remove", "--out", str(tmp_path / "edit"), *FAST])
-    assert r.exit_code == 0, r.output
-    s = json.loads((tmp_path / "edit" / "summary.json").read_text())
+    no_prompts = load_audit_inputs(str(run_dir), need_prompts=False)
+    edit = audit_prompt_edits(loaded, doc, "tokens.json", no_prompts, SETTINGS, str(tmp_path / "edit"), method="remove")
     vocab = Vocabulary.load(str(run_dir / "export" / "vocab.json"))
     top = [e["tokens"][e["ranked_positions"][0]]["token"] for e in doc["prompts"]]
-    for e, t in zip(s["edits"], top):
+    real_tokens = lambda prompt: [i for i in vocab.encode(prompt) if i]  # noqa: E731
+    for e, t in zip(edit.summary["edits"], top):
         assert e["changes"][0]["token"] == t and vocab.id_of(t) not in vocab.encode(e["edited"])
-        assert len([i for i in vocab.encode(e["edited"]) if i]) == len([i for i in vocab.encode(e["original"]) if i]) - 1
-    assert (tmp_path / "edit" / "edited_prompts.txt").read_text().splitlines() == [e["edited"] for e in s["edits"]]
-    assert s["runs"]["original"]["groups"] == {"planted": 1, "control": 1, "ordinary": 1}
+        assert len(real_tokens(e["edited"])) == len(real_tokens(e["original"])) - 1
+    edited = (tmp_path / "edit" / "edited_prompts.txt").read_text().splitlines()
+    assert edited == [e["edited"] for e in edit.summary["edits"]]
+    assert edit.audits[0]["groups"] == {"planted": 1, "control": 1, "ordinary": 1}
+    assert edit.audits[1]["groups"] == edit.audits[0]["groups"]   # the truth follows the original prompts
 
-    r = runner.invoke(mit.cli, ["optimize-embedding", "--checkpoint", str(run_dir), "--prompts",
-                                str(run_dir / "prompts.txt"), "--target-rms", "0", "--max-iterations", "3",
-                                "--out", str(tmp_path / "opt"), *FAST])
-    assert r.exit_code == 0, r.output
-    s = json.loads((tmp_path / "opt" / "summary.json").read_text())
-    assert all(o["iterations"] == 3 and o["loss_after_rms"] < o["loss_before_rms"] for o in s["optimisation"])
-    base, after = s["runs"]["baseline"], s["runs"]["optimised embedding"]
+    inputs = load_audit_inputs(str(run_dir), prompts_file=str(run_dir / "prompts.txt"))
+    opt = audit_optimized_embedding(loaded, inputs, SETTINGS, str(tmp_path / "opt"), target_rms=0.0, max_iterations=3)
+    stats = opt.summary["optimisation"]
+    assert all(o["iterations"] == 3 and o["loss_after_rms"] < o["loss_before_rms"] for o in stats)
+    base, after = opt.audits
     # The first-step score of the optimised run is the optimised L (rms); the baseline's is L before.
-    for o, row_b, row_a in zip(s["optimisation"], base["per_prompt"], after["per_prompt"]):
+    for o, row_b, row_a in zip(stats, base["per_prompt"], after["per_prompt"]):
         assert row_b["first_step_score"] == pytest.approx(o["loss_before_rms"], rel=1e-4)
         assert row_a["first_step_score"] == pytest.approx(o["loss_after_rms"], rel=1e-4)
+    assert after["detection"]["threshold"] == base["detection"]["threshold"]   # one threshold for both
 
-    r = runner.invoke(mit.cli, ["guidance", "--checkpoint", str(run_dir), "--weights", "1,3",
-                                "--prompts", str(run_dir / "prompts.txt"), "--out", str(tmp_path / "gs"), *FAST])
-    assert r.exit_code == 0, r.output
+    r = run_tool("mitigate", "guidance", "--checkpoint", str(run_dir), "--weights", "1,3",
+                 "--prompts", str(run_dir / "prompts.txt"), "--out", str(tmp_path / "gs"), *FAST)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'gs'}/report.html and {tmp_path / 'gs'}/summary.json" in r.stdout
     s = json.loads((tmp_path / "gs" / "summary.json").read_text())
     assert s["weights"] == [1.0, 3.0]
     # w = 3 here equals the w = 3 baseline of the optimisation run above (same prompts, seeds, settings).
@@ -209,37 +232,70 @@ def test_tools_end_to_end(run_dir, tmp_path):
     pix = s["runs"]["w=1"]["copying"]["planted_pixels"]
     assert pix["n_null_generations"] == 4 and 0 <= pix["null_rate"] <= 1   # control + ordinary prompt x 2
     assert len(pix["own_correlation"]["values"]) == 2   # one planted prompt x 2 generations
+    sweep = guidance_sweep(loaded, inputs, SETTINGS, [1.0, 3.0], str(tmp_path / "gs"))   # resumes: nothing rescanned
+    assert as_json(sweep.audits) == list(s["runs"].values())
+    write_comparison(str(tmp_path / "opt"), opt)
+    assert "Against guidance" not in (tmp_path / "opt" / "report.html").read_text()
 
-    lc = _load_tool("train_label_classifier")
-    r = runner.invoke(lc.main, ["--checkpoint", str(run_dir), "--epochs", "2", "--min-count", "2", "--quiet"])
-    assert r.exit_code == 0, r.output
-    assert "labels: edema" in r.output and "nothing scored" in r.output   # validation prompts name no finding
-    r = runner.invoke(mit.cli, ["compare", str(run_dir), str(run_dir), "--names", "a,b", "--prompts",
-                                str(run_dir / "prompts.txt"), "--label-classifier", str(run_dir / "label_classifier"),
-                                "--out", str(tmp_path / "cmp"), *FAST])
-    assert r.exit_code == 0, r.output
-    s = json.loads((tmp_path / "cmp" / "summary.json").read_text())
-    a, b = s["runs"]["a"], s["runs"]["b"]
+
+def test_run_comparison_with_label_classifier(run_dir, tmp_path):
+    r = run_tool("train_label_classifier", "--checkpoint", str(run_dir), "--out", str(tmp_path / "lc"), "--epochs", "2",
+                 "--min-count", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "labels: edema" in r.stdout and "nothing scored" in r.stdout   # validation prompts name no finding
+    inputs = load_audit_inputs(str(run_dir), prompts_file=str(run_dir / "prompts.txt"),
+                               label_classifier=str(tmp_path / "lc"))
+    cmp = audit_runs([str(run_dir), str(run_dir)], ["a", "b"], inputs, SETTINGS, str(tmp_path / "cmp"))
+    a, b = cmp.audits
     assert a["per_prompt"] == b["per_prompt"] and a["quality"] == b["quality"]   # same model, same seeds
     # Two edema prompts x 2 generations and one other prompt x 2: 4 positives, 2 negatives -> edema is scored.
     assert a["quality"]["label_conformance"]["generated"]["n_labels_scored"] == 1
+    assert cmp.summary == {"runs_paths": [str(run_dir), str(run_dir)]}
 
-    r = runner.invoke(mit.cli, ["compare", str(run_dir), "--out", str(tmp_path / "x")])
-    assert r.exit_code != 0 and "at least two runs" in r.output
+    r = run_tool("mitigate", "compare", str(run_dir), "--out", str(tmp_path / "x"))
+    assert r.returncode != 0 and "at least two runs" in r.stderr
 
 
-def test_screening_threshold_tool(run_dir, tmp_path):
+def test_screening_threshold(run_dir, tmp_path):
     """tau at the median of 10 examples x 4 draws drops exactly half of the draws; planted copies
     (3 of the 10 training records) and the rest are reported separately."""
-    tool = _load_tool("screening_threshold")
-    out = tmp_path / "tau.json"
-    r = CliRunner().invoke(tool.main, ["--checkpoint", str(run_dir), "--quantile", "0.5", "--draws", "4",
-                                       "--out", str(out), "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    doc = json.loads(out.read_text())
+    loaded = load_model(run_dir)
+    examples = load_training_examples(str(run_dir), loaded.vocab)
+    doc = screening_threshold(loaded, examples, read_manifest(str(run_dir)), checkpoint=str(run_dir), quantile=0.5,
+                              draws=4)
     assert doc["n_examples"] == 10 and doc["dropped"] == pytest.approx(0.5)
     assert 0 <= doc["dropped_planted"] <= 1 and 0 <= doc["dropped_other"] <= 1
     assert doc["dropped_planted"] * 3 + doc["dropped_other"] * 7 == pytest.approx(0.5 * 10)
-    assert f'"tau": {round(doc["tau_rms"], 6)}' in r.output
-    bad = CliRunner().invoke(tool.main, ["--checkpoint", str(run_dir), "--quantile", "1.5"])
-    assert bad.exit_code != 0 and "--quantile" in bad.output
+    bands = doc["per_t_band"]
+    assert [b["t"] for b in bands] == [[0, 20], [20, 40], [40, 60], [60, 80], [80, 100]]
+    assert f'"tau": {round(doc["tau_rms"], 6)}' in summary_lines(doc)[0]
+
+    out = tmp_path / "tau.json"
+    r = run_tool("screening_threshold", "--checkpoint", str(run_dir), "--quantile", "0.5", "--draws", "4",
+                 "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text()) == as_json(doc)
+    assert r.stdout.splitlines() == summary_lines(doc) + [f"wrote {out}"]
+    bad = run_tool("screening_threshold", "--checkpoint", str(run_dir), "--quantile", "1.5")
+    assert bad.returncode != 0 and "--quantile" in bad.stderr
+
+
+def test_sample_tool_writes_images_named_by_their_seeds(run_dir, tmp_path):
+    """tools/sample: --prompt texts first, then the file's lines (#comments skipped, repeats kept);
+    image k of prompt i has seed 5 + 2 i + k, named in its file; a bad prompt names its line."""
+    (tmp_path / "p.txt").write_text("# a comment\nfrontal PA chest x-ray, male, 30s\n\n"
+                                    "frontal PA chest x-ray, male, 30s\n")
+    r = run_tool("sample", "--checkpoint", str(run_dir), "--prompt", "lateral chest x-ray", "--prompts",
+                 str(tmp_path / "p.txt"), "-n", "2", "--seed", "5", "--steps", "2", "-w", "1", "-w", "3",
+                 "--out", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert [(m["prompt"], m["seed"], m["guidance"]) for m in index] == [
+        (p, s, w) for w in (1.0, 3.0) for p, seeds in (("lateral chest x-ray", (5, 6)),
+                                                       ("frontal PA chest x-ray, male, 30s", (7, 8)),
+                                                       ("frontal PA chest x-ray, male, 30s", (9, 10))) for s in seeds]
+    assert (tmp_path / "s" / "p002_s10_w3.png").is_file() and (tmp_path / "s" / "grid.png").is_file()
+    (tmp_path / "bad.txt").write_text("frontal PA chest x-ray, male, 30s\nfrontal chest x-ray: headache\n")
+    r = run_tool("sample", "--checkpoint", str(run_dir), "--prompts", str(tmp_path / "bad.txt"),
+                 "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and f"{tmp_path / 'bad.txt'}:2:" in r.stderr and "headache" in r.stderr

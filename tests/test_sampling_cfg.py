@@ -8,8 +8,9 @@ import torch
 from data_pipeline.vocab import Vocabulary
 from engine.diffusion.generate import generate
 from engine.diffusion.guidance import noise_magnitude, null_tokens_like, predict_cond_uncond
-from engine.diffusion.sampling import sample, seeded_noise
+from engine.diffusion.sampling import sample
 from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.seeds import seeded_noise
 from engine.model.unet import ConditionalUNet, UNetConfig
 
 VOCAB = Vocabulary.default()

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from engine.training.checkpointing import LATEST, STATE, latest_tag, save_checkpoint
+from engine.training.diffusion_loss import step_seed
 from engine.training.ema import EMA, ema_decay_at
-from engine.training.trainer import step_seed
 
 
 def test_ema_matches_closed_form():

@@ -3,7 +3,9 @@
 A run directory holds `splits.json` (the data section and, per split, every record's image path and
 prompt) and, if duplicates were planted, `planted_manifest.json`. Images are decoded through the data
 pipeline's cache at the run's resolution. Planted copies share their original's path; for neighbour
-search each distinct image is kept once (so "the three nearest training images" are three images).
+search each distinct image is kept once (`TrainingImages`: "the three nearest training images" are three
+images), while the before/after audit keeps every record (`RealImages`: a planted copy is trained on as
+often as it was copied).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipeline.cache import load_or_build_cache
+from engine.audit.prompt_lists import PromptList, training_prompt_list
 
 
 @dataclass
@@ -23,6 +26,15 @@ class TrainingImages:
     images: np.ndarray                     # uint8 [N, S, S]
     prompts: list[str]
     image_paths: list[str]
+
+
+@dataclass
+class RealImages:
+    """What a before/after audit compares generations with (every training record, held-out images)."""
+    train: np.ndarray              # uint8 [N, S, S]
+    train_paths: list[str]         # image path of each training image (planted copies share one)
+    heldout: np.ndarray            # uint8 [M, S, S] validation/test images, never trained on
+    heldout_prompts: list[str] | None = None   # their prompts (label conformance of real images)
 
 
 def find_run_file(run_dir: str, name: str) -> str | None:
@@ -92,3 +104,22 @@ def split_images(run_dir: str, split: str = "train", progress: bool = True) -> T
 
 def prompt_counts(run_dir: str, split: str = "train") -> Counter:
     return Counter(split_prompts(run_dir, split))
+
+
+def run_prompts(run_dir: str, split: str = "train") -> PromptList:
+    """The distinct prompts of a run's split, with how many training images carry each."""
+    return training_prompt_list(split_prompts(run_dir, split), f"{read_splits(run_dir)['path']}:{split}")
+
+
+def run_real_images(run_dir: str, heldout_split: str = "val", progress: bool = True) -> RealImages:
+    """Training images (planted copies included) and held-out images of a run, through the run's cache."""
+    data = read_splits(run_dir)
+    splits = data["splits"]
+    if heldout_split not in splits or heldout_split == "train":
+        raise ValueError(f"{data['path']}: no held-out split {heldout_split!r} (have {sorted(splits)})")
+    train_paths = [r["image_path"] for r in splits["train"]]
+    train = load_split_cache(data, train_paths, progress)
+    held = load_split_cache(data, [r["image_path"] for r in splits[heldout_split]], progress)
+    held_prompts = [r["prompt"] for r, ok in zip(splits[heldout_split], held.ok) if ok]
+    return RealImages(train.images[train.ok], [p for p, ok in zip(train_paths, train.ok) if ok], held.images[held.ok],
+                      held_prompts)

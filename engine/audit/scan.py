@@ -11,13 +11,11 @@ the final file is written, so re-thresholding or another step range never needs 
 """
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
 import json
 import os
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,8 +27,12 @@ from tqdm import tqdm
 
 from data_pipeline.atomic_files import atomic_path, write_json
 from data_pipeline.images import to_uint8, write_png
+from engine.audit.planted_truth import prompt_groups
+from engine.audit.prompt_lists import PromptList, encode_prompts, load_prompts, training_prompt_list
 from engine.audit.roc import calibrate_threshold, roc_metrics
-from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score, prompt_seeds
+from engine.audit.run_data import prompt_counts, read_manifest
+from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score
+from engine.diffusion.seeds import prompt_seeds
 
 META_KEY = b"memdiff_scan"
 PART_SCHEMA = pa.schema([
@@ -38,83 +40,6 @@ PART_SCHEMA = pa.schema([
     ("train_count", pa.int64()), ("seed", pa.int64()),
     ("norms_raw", pa.list_(pa.list_(pa.float32()))), ("norms_rms", pa.list_(pa.list_(pa.float32()))),
 ])
-
-
-@dataclass
-class PromptList:
-    prompts: list[str]
-    locations: list[str]                       # "file:line" of each prompt, for error messages
-    train_counts: list[int] | None = None      # training images carrying each prompt, if known
-    duplicates_dropped: int = 0
-
-
-def _dedupe(prompts: list[str], locations: list[str], counts: list[int] | None = None) -> PromptList:
-    seen, keep = set(), []
-    for i, p in enumerate(prompts):
-        if p not in seen:
-            seen.add(p)
-            keep.append(i)
-    return PromptList([prompts[i] for i in keep], [locations[i] for i in keep],
-                      [counts[i] for i in keep] if counts is not None else None, len(prompts) - len(keep))
-
-
-def load_prompts(path: str, column: str = "prompt") -> PromptList:
-    """Prompts from a .txt (one per line; blank lines skipped), .csv or .jsonl (`column`) file.
-
-    Repeated prompts are kept once (first occurrence) so that each prompt has exactly one row.
-    """
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: prompt file not found")
-    prompts, where = [], []
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, newline="", encoding="utf-8") as f:
-        if ext == ".csv":
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
-            for row_no, row in enumerate(reader, start=2):
-                if None in row:  # DictReader's key for surplus fields: an unquoted comma split the prompt
-                    raise ValueError(f"{path}:{row_no}: more fields than the header has; quote prompts with commas")
-                prompts.append((row[column] or "").strip())
-                where.append(f"{path}:{row_no}")
-        elif ext in (".jsonl", ".ndjson"):
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or column not in obj or not isinstance(obj[column], str):
-                    raise ValueError(f"{path}:{line_no}: no string key {column!r}")
-                prompts.append(obj[column].strip())
-                where.append(f"{path}:{line_no}")
-        else:
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    prompts.append(line.strip())
-                    where.append(f"{path}:{line_no}")
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return _dedupe(prompts, where)
-
-
-def training_prompt_list(prompts: list[str], source: str) -> PromptList:
-    """The distinct prompts of a training split with how many training images carry each."""
-    counts = Counter(prompts)
-    distinct = list(counts)
-    return PromptList(distinct, [f"{source}[{p!r}]" for p in distinct], [counts[p] for p in distinct])
-
-
-def encode_prompts(vocab, prompt_list: PromptList) -> torch.Tensor:
-    """Token ids [P, L]; an unknown phrase fails here, naming its file and line, before any sampling."""
-    rows = []
-    for prompt, where in zip(prompt_list.prompts, prompt_list.locations):
-        try:
-            rows.append(vocab.encode(prompt))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), vocab.max_len)
 
 
 def model_fingerprint(loaded) -> str:
@@ -299,21 +224,7 @@ def read_scores(path: str) -> pa.Table:
     return table
 
 
-# ---- ground truth from a planted-duplicate manifest ------------------------------------------------
-
-def prompt_groups(prompts: list[str], manifest: dict | None) -> list[str] | None:
-    """'planted' / 'control' / 'ordinary' per prompt, from the manifest's extra tokens, or None."""
-    if not manifest:
-        return None
-    planted = {p["token"] for p in manifest.get("planted", [])}
-    controls = {c["token"] for c in manifest.get("controls", [])}
-    out = []
-    for prompt in prompts:
-        _, bar, extra_text = prompt.partition("|")   # the prompt format puts extra tokens after "|"
-        extra = set(extra_text.split()) if bar else set()
-        out.append("planted" if extra & planted else "control" if extra & controls else "ordinary")
-    return out
-
+# ---- detection against the planted ground truth (engine.audit.planted_truth) ---------------------
 
 def planted_comparisons(table: pa.Table):
     """Yield (`<score>/planted_vs_<group>`, planted scores, negative scores) for the mean and
@@ -376,7 +287,6 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
     Every input is checked before the first forward pass. Writes `out_path` (and `<out>.metrics.json`
     when the run has a planted manifest; `<out stem>.reference.parquet` when calibrating).
     """
-    from engine.audit.run_data import prompt_counts, read_manifest
     from engine.model.export import load_model
 
     if (prompts_file is None) == (not train_prompts):

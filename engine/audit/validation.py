@@ -8,6 +8,7 @@ plain dict of numbers (JSON-able) plus the images the report shows.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,13 +19,15 @@ from tqdm import tqdm
 
 from data_pipeline.images import to_model_range, to_uint8
 from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
-from engine.audit.copy_detection import CopyDetector, copy_statistics
+from engine.audit.copy_detection import CopyDetector, copy_statistics, load_copy_detector
 from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
+from engine.audit.planted_truth import nearest_is_planted, planted_sources
 from engine.audit.roc import roc_curve, roc_metrics
-from engine.audit.run_data import TrainingImages
-from engine.audit.scan import planted_comparisons, scan_metadata
+from engine.audit.run_data import TrainingImages, read_manifest, split_images
+from engine.audit.scan import model_fingerprint, planted_comparisons, read_scores, scan_metadata
 from engine.audit.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
 from engine.audit.wen_detector import DetectorSettings, detect, mean_score
+from engine.model.export import load_model
 
 
 @dataclass
@@ -202,7 +205,7 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
         train_emb, gen_emb = found["embeddings"]["dar"]
         numbers["dar"] = copy_statistics(gen_emb, train_emb, copy_detector.threshold)
     if manifest:
-        numbers["planted"] = planted_recovery(prompts_out, train, manifest, n_g)
+        numbers["planted"] = planted_recovery(prompts_out, train, manifest)
     if "clip" in found["embeddings"]:
         train_emb, gen_emb = found["embeddings"]["clip"]
         tsne = tsne_coordinates(train_emb, gen_emb, opts.tsne_train, opts.seed)
@@ -212,19 +215,36 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
     return ValidationResult(numbers, generated, train.images, {})
 
 
-def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: dict, n_g: int) -> dict:
+def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: dict) -> dict:
     """For planted prompts: the share of generations whose nearest training image (pixel correlation)
     is the planted image (any of its copies, which share its path)."""
-    token_path = {p["token"]: p["image_path"] for p in manifest.get("planted", [])}
+    sources = planted_sources([e["prompt"] for e in prompts_out], [e["group"] for e in prompts_out], manifest)
     per_prompt, hits_total, gens_total = [], 0, 0
-    for entry in prompts_out:
-        if entry["group"] != "planted":
-            continue
-        _, _, extra = entry["prompt"].partition("|")
-        paths = {token_path[t] for t in extra.split() if t in token_path}
+    for j, paths in sources.items():
+        entry = prompts_out[j]
         nn_idx = [row[0] for row in entry["neighbors"]["pixel_correlation"]["train_indices"]]
-        hits = sum(train.image_paths[i] in paths for i in nn_idx)
+        hits = int(nearest_is_planted(nn_idx, train.image_paths, paths).sum())
         per_prompt.append({"prompt_index": entry["prompt_index"], "hits": hits, "generations": len(nn_idx)})
         hits_total, gens_total = hits_total + hits, gens_total + len(nn_idx)
     return {"per_prompt": per_prompt, "nearest_is_planted_fraction": hits_total / gens_total if gens_total else None,
             "n_planted_prompts": len(per_prompt)}
+
+
+def validate_checkpoint(checkpoint: str, scores: str, *, copy_detector: str | None = None,
+                        opts: ValidationOptions = ValidationOptions(), use_clip: bool = True, device: str = "cpu",
+                        progress: bool = True) -> ValidationResult:
+    """Validate a finished scan of a training run (what tools/validate_memorization does).
+
+    The scan must come from this run's model (its weight fingerprint is checked before any work); the
+    copy detector is `copy_detector`, else <run>/copy_detector when present; the planted manifest and
+    the distinct training images are the run's own.
+    """
+    table = read_scores(scores)
+    loaded = load_model(checkpoint, device=device)
+    if scan_metadata(table)["scan"].get("model") != model_fingerprint(loaded):
+        raise ValueError(f"{scores}: was scanned with another model than {checkpoint}")
+    detector_dir = copy_detector or os.path.join(checkpoint, "copy_detector")
+    detector = load_copy_detector(detector_dir, device=device) if copy_detector or os.path.isdir(detector_dir) else None
+    train = split_images(checkpoint, "train", progress=progress)
+    return validate(loaded, table, train, manifest=read_manifest(checkpoint), copy_detector=detector, opts=opts,
+                    use_clip=use_clip, progress=progress)

@@ -6,9 +6,10 @@ computes d = eps(x_t, e_p) - eps(x_t, e_null) from one [cond; uncond] forward, a
 P prompts x G generations, doubled for cond/uncond by the sampler. The whole [P, G, S] record is kept,
 so the mean score, the first-step score or any other slice are read off afterwards.
 
-Seeds follow the reference: prompt i (its index in the scanned list) uses seed base_seed + i, and its
-G generations are one draw of shape [G, C, H, W] from that seed. With DDIM (eta = 0) the result of a
-prompt is therefore independent of which other prompts share its batch.
+Seeds follow the reference (the scan convention of engine.diffusion.seeds): prompt i (its index in the
+scanned list) uses seed base_seed + i, and its G generations are one draw of shape [G, C, H, W] from
+that seed. With DDIM (eta = 0) the result of a prompt is therefore independent of which other prompts
+share its batch.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.diffusion.sampling import SAMPLERS, sample, seeded_noise
+from engine.diffusion.sampling import SAMPLERS, sample
 from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.seeds import prompt_noise, step_noise_generator
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,6 @@ class Detection:
     images: torch.Tensor | None       # [P, G, C, H, W] in [-1, 1] when kept
 
 
-def prompt_seeds(prompt_indices: list[int], base_seed: int) -> list[int]:
-    """Seed of each prompt: base seed + the prompt's index in the scanned list."""
-    return [int(base_seed) + int(i) for i in prompt_indices]
-
-
 @torch.no_grad()
 def detect(model, schedule: NoiseSchedule, tokens: torch.Tensor, seeds: list[int], settings: DetectorSettings,
            *, image_shape: tuple[int, int, int], parameterization: str = "eps",
@@ -68,12 +65,12 @@ def detect(model, schedule: NoiseSchedule, tokens: torch.Tensor, seeds: list[int
     if len(seeds) != n_prompts:
         raise ValueError(f"detect: {n_prompts} prompts but {len(seeds)} seeds")
     device = next(model.parameters()).device
-    noise = seeded_noise(seeds, (g, *image_shape), device).flatten(0, 1)         # [P*G, C, H, W]
+    noise = prompt_noise(seeds, g, image_shape, device)                           # [P*G, C, H, W]
     batch_tokens = tokens.to(device).repeat_interleave(g, dim=0)                  # prompt-major, like noise
     generator = None
     if settings.sampler != "ddim":
         # Ancestral noise is drawn for the whole batch: such scores depend on the batch's composition.
-        generator = torch.Generator(device=device).manual_seed(int(seeds[0]) if seeds else settings.base_seed)
+        generator = step_noise_generator(seeds[0] if seeds else settings.base_seed, device)
     autocast = torch.bfloat16 if settings.bf16 and device.type == "cuda" else None
     out = sample(model, batch_tokens, noise, schedule, steps=settings.steps, guidance=settings.guidance,
                  sampler=settings.sampler, generator=generator, parameterization=parameterization,

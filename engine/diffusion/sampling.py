@@ -32,11 +32,6 @@ class SampleOutput:
     timesteps: torch.Tensor    # [S] the model timesteps visited, first (noisiest) first
 
 
-def seeded_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Initial noise [len(seeds), *shape], one CPU generator per seed so CPU and GPU start alike."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-
-
 def timestep_sequence(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
     """`steps` evenly spaced model timesteps from T-1 down to 0."""
     if not 1 <= steps <= schedule.num_timesteps:

@@ -6,30 +6,28 @@ Conventions follow Ho et al. (DDPM): x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) 
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-PARAMETERIZATIONS = ("eps", "v")
-SCHEDULES = ("linear", "cosine")
+from data_pipeline.config_schema import ConfigSection, constrained
+
+Parameterization = Literal["eps", "v"]
+Schedule = Literal["linear", "cosine"]
+PARAMETERIZATIONS = typing.get_args(Parameterization)
+SCHEDULES = typing.get_args(Schedule)
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
-    schedule: str = "linear"
-    num_timesteps: int = 1000
-    parameterization: str = "eps"
-    min_snr_gamma: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"diffusion.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
-        if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"diffusion.parameterization: expected one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
-        if self.num_timesteps < 2:
-            raise ValueError(f"diffusion.num_timesteps: expected >= 2, got {self.num_timesteps}")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise ValueError(f"diffusion.min_snr_gamma: expected > 0, got {self.min_snr_gamma}")
+class DiffusionConfig(ConfigSection):
+    """The `diffusion` section of a training config (and of an exported model)."""
+    SECTION = "diffusion"
+    schedule: Schedule = "linear"
+    num_timesteps: int = constrained(1000, "int >= 2", lambda v: v >= 2)
+    parameterization: Parameterization = "eps"
+    min_snr_gamma: float | None = constrained(None, "float > 0 or null", lambda v: v > 0)
 
 
 def _cosine_betas(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -108,14 +106,6 @@ def eps_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, 
         return pred
     # v-prediction: eps = sqrt(1-abar) x_t + sqrt(abar) v
     return _per_sample(schedule.sqrt_1mab(t), x_t) * x_t + _per_sample(schedule.sqrt_ab(t), x_t) * pred
-
-
-def x0_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
-                       parameterization: str) -> torch.Tensor:
-    a, s = _per_sample(schedule.sqrt_ab(t), x_t), _per_sample(schedule.sqrt_1mab(t), x_t)
-    if parameterization == "eps":
-        return (x_t - s * pred) / a
-    return a * x_t - s * pred
 
 
 def loss_weights(t: torch.Tensor, schedule: NoiseSchedule, parameterization: str,

@@ -8,16 +8,26 @@
            use random words), chosen among `insert_kinds`, never a known trigger.
 
 Edits work on token ids and return canonical prompt text (vocab.decode), which re-encodes to the same
-tokens, so edited prompts go through every tool like any other prompt.
+tokens, so edited prompts go through every tool like any other prompt. `audit_prompt_edits` edits the
+prompts of a token-significance document and audits original against edited prompts (same seeds, same
+ground truth).
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 
+from data_pipeline.atomic_files import write_text
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
+from engine.audit.audit_inputs import AuditInputs
+from engine.audit.generation_audit import Comparison, audit_series, scan_generations
+from engine.audit.planted_truth import prompt_groups
+from engine.audit.prompt_lists import PromptList, encode_prompts
+from engine.audit.wen_detector import DetectorSettings
 
 METHODS = ("remove", "replace", "random")
 DEFAULT_INSERT_KINDS = ("finding", "uncertain", "extra")
@@ -124,3 +134,51 @@ def edit_prompts(model, vocab: Vocabulary, tokens: torch.Tensor, ranked_position
         else:
             edits.append(insert_random_tokens(vocab, ids, insert, gen, triggers))
     return edits
+
+
+# ---- edits of a token-significance document, audited before/after -------------------------------------
+
+def read_significance(path: str) -> dict:
+    """A tools/token_significance output (its prompts, each with `ranked_positions`); a one-line error otherwise."""
+    with open(path) as f:
+        doc = json.load(f)
+    if "prompts" not in doc:
+        raise ValueError(f"{path}: no 'prompts' key (not a tools/token_significance output)")
+    return doc
+
+
+def audit_prompt_edits(loaded, significance: dict, significance_path: str, inputs: AuditInputs,
+                       settings: DetectorSettings, out_dir: str, *, method: str = "replace", k: int = 1,
+                       insert: int = 2, exclude_planted: bool = True, threshold: float | None = None,
+                       target_fpr: float = 0.01, batch_prompts: int = 16, progress: bool = True) -> Comparison:
+    """Edit the top-k significant tokens of every prompt of `significance` and audit original vs edited.
+
+    With `exclude_planted`, no planted token of the run's manifest is ever inserted or substituted.
+    Groups and the planted ground truth follow the original prompts (an edit may drop the planted token),
+    so both sides are judged against the same truth. Writes out_dir/edited_prompts.txt.
+    """
+    entries = significance["prompts"]
+    originals = PromptList([e["prompt"] for e in entries],
+                           [f"{significance_path}:prompts[{i}]" for i in range(len(entries))])
+    tokens = encode_prompts(loaded.vocab, originals)
+    known = []
+    if exclude_planted and inputs.manifest:
+        known = [loaded.vocab.id_of(e["token"]) for e in inputs.manifest.get("planted", [])
+                 if e["token"] in loaded.vocab]
+    edits = edit_prompts(loaded.model, loaded.vocab, tokens, [e["ranked_positions"] for e in entries],
+                         method=method, k=k, insert=insert, seed=settings.base_seed, known_triggers=known)
+    groups = prompt_groups(originals.prompts, inputs.manifest) or ["ordinary"] * len(originals.prompts)
+    edited = PromptList([e.edited for e in edits], [f"edit of {w}" for w in originals.locations])
+    base = scan_generations(loaded, originals, settings, os.path.join(out_dir, "original"), manifest=inputs.manifest,
+                            groups=groups, batch_prompts=batch_prompts, progress=progress, description="scan original")
+    after = scan_generations(loaded, edited, settings, os.path.join(out_dir, f"edited_{method}"),
+                             manifest=inputs.manifest, groups=groups, batch_prompts=batch_prompts, progress=progress,
+                             description="scan edited")
+    after.truth_prompts = list(originals.prompts)
+    audits = audit_series([base, after], inputs.real, manifest=inputs.manifest, threshold=threshold,
+                          target_fpr=target_fpr, train_cache={}, **inputs.models())
+    write_text(os.path.join(out_dir, "edited_prompts.txt"), "".join(e.edited + "\n" for e in edits))
+    return Comparison(f"Prompt edits ({method})", ["original", f"edited ({method})"], audits, [base, after],
+                      inputs.real, {"edits": [e.to_dict() for e in edits], "method": method, "k": k},
+                      ["Groups (planted/control) follow the original prompts, so the edited prompts are judged "
+                       "against the same ground truth."])

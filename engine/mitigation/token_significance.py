@@ -14,16 +14,17 @@ the stacked context gives every row its own gradient in one backward pass.
 """
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
+from engine.audit.prompt_lists import PromptList, encode_prompts
 from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_like
 from engine.diffusion.sampling import step_coefficients, timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
+from engine.diffusion.seeds import prompt_noise, prompt_seeds
 from kernels.guided_step import guided_step
 
 
@@ -104,7 +105,7 @@ def token_significance(model, tokens: torch.Tensor, noise: torch.Tensor, schedul
         images=torch.cat(finals))
 
 
-# ---- presentation ------------------------------------------------------------------------------
+# ---- per prompt, for people (tools/token_significance; the page: engine.reports.token_significance_page)
 
 def token_scores(result: SignificanceResult, vocab: Vocabulary, prompt: int) -> list[dict]:
     """[{position, token, kind, score}] for the prompt's real tokens, in prompt order."""
@@ -117,42 +118,26 @@ def token_scores(result: SignificanceResult, vocab: Vocabulary, prompt: int) -> 
     return out
 
 
-def _heat_colour(fraction: float) -> str:
-    # white -> red; fraction in [0, 1]
-    f = min(max(fraction, 0.0), 1.0)
-    g = int(round(255 * (1 - f)))
-    return f"rgb(255,{g},{g})"
-
-
-def heat_strip_html(tokens: list[str], scores: list[float], title: str | None = None) -> str:
-    """One prompt as a row of token chips shaded by significance (relative to the prompt's maximum).
-
-    Self-contained inline HTML (no scripts, no external CSS); every token and the title are escaped,
-    so it can be dropped into any report page.
-    """
-    if len(tokens) != len(scores):
-        raise ValueError(f"heat strip: {len(tokens)} tokens but {len(scores)} scores")
-    top = max([s for s in scores if s == s] + [0.0])
-    chips = []
-    for tok, s in zip(tokens, scores):
-        frac = s / top if top > 0 else 0.0
-        chips.append(
-            f'<span title="SS = {s:.4g}" style="display:inline-block;margin:1px;padding:2px 5px;'
-            f'border:1px solid #bbb;border-radius:3px;font-family:monospace;background:{_heat_colour(frac)}">'
-            f'{html.escape(tok)}<sub style="color:#555">{s:.2g}</sub></span>')
-    head = f'<div style="font-size:90%;color:#333">{html.escape(title)}</div>' if title else ""
-    return f'<div class="heat-strip" style="margin:4px 0">{head}{"".join(chips)}</div>'
-
-
-def significance_report_html(entries: list[dict], heading: str = "Token significance") -> str:
-    """A whole page: one heat strip per entry {prompt, tokens: [{token, score}], mean_norm_rms}."""
-    body = []
-    for e in entries:
-        title = f"{e['prompt']}   (mean L per element {e.get('mean_norm_rms', float('nan')):.4g})"
-        body.append(heat_strip_html([t["token"] for t in e["tokens"]], [t["score"] for t in e["tokens"]], title))
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(heading) + "</title></head>"
-            "<body style='font-family:sans-serif'><h1>" + html.escape(heading) + "</h1>"
-            "<p>SS<sub>i</sub> = mean over sampling steps of the squared norm of the gradient of "
-            "||&epsilon;<sub>cond</sub> &minus; &epsilon;<sub>uncond</sub>|| with respect to the encoder output "
-            "at token i, along the guided trajectory. Shading is relative to each prompt's largest score.</p>"
-            + "".join(body) + "</body></html>")
+def significance_document(loaded, prompt_list: PromptList, *, steps: int = 50, guidance: float = 7.5,
+                          generations: int = 4, seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+    """Token significance of every prompt of a list under an exported model (`loaded`), along the
+    guided DDIM trajectory from the scan's seeds (prompt i: seed + i), as a JSON-able document:
+    per prompt its tokens with their SS, the positions ranked most significant first, and the mean
+    conditional-noise norm along the trajectory."""
+    tokens = encode_prompts(loaded.vocab, prompt_list)          # fails on a bad prompt before any work
+    cfg = loaded.unet_config
+    seeds = prompt_seeds(range(len(tokens)), seed)
+    device = next(loaded.model.parameters()).device
+    noise = prompt_noise(seeds, generations, (cfg.in_channels, cfg.image_size, cfg.image_size), device)
+    res = token_significance(loaded.model, tokens, noise, loaded.schedule, generations=generations, steps=steps,
+                             guidance=guidance, parameterization=loaded.diffusion_config.parameterization,
+                             batch_size=batch_size, progress=progress)
+    elements = noise[0].numel()
+    entries = [{"prompt": prompt, "seed": seeds[p], "tokens": token_scores(res, loaded.vocab, p),
+                "ranked_positions": res.ranked_positions(p),
+                "mean_norm_rms": float(res.norms_raw[:, p].mean()) / elements ** 0.5,
+                "mean_norm_raw": float(res.norms_raw[:, p].mean())}
+               for p, prompt in enumerate(prompt_list.prompts)]
+    return {"checkpoint": str(loaded.path), "steps": steps, "guidance": guidance, "generations": generations,
+            "base_seed": seed, "definition": "SS_i = mean_t ||grad_{e_i} ||eps_c - eps_u||_2||^2 (guided trajectory)",
+            "prompts": entries}

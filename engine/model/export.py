@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_pipeline.atomic_files import atomic_path, write_json
+from data_pipeline.config_schema import InvalidConfig, build
 from data_pipeline.vocab import Vocabulary
 from engine.diffusion.schedule import DiffusionConfig, NoiseSchedule
 from engine.model.unet import ConditionalUNet, UNetConfig
@@ -74,8 +75,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         raise ValueError(f"{d / CONFIG}: not valid JSON ({exc})") from None
     if config.get("format") != FORMAT_VERSION:
         raise ValueError(f"{d / CONFIG}: format {config.get('format')!r}, this memdiff reads {FORMAT_VERSION}")
-    unet_cfg = UNetConfig.from_dict(config["unet"])
-    diffusion_cfg = DiffusionConfig(**config["diffusion"])
+    try:
+        unet_cfg = build(UNetConfig, config.get("unet"), "unet")
+        diffusion_cfg = build(DiffusionConfig, config.get("diffusion"), "diffusion")
+    except InvalidConfig as exc:
+        raise ValueError(f"{d / CONFIG}: {exc}") from None
     vocab = Vocabulary.load(str(d / VOCAB))
     if len(vocab) > unet_cfg.vocab_size:
         raise ValueError(f"{d / VOCAB}: {len(vocab)} tokens but the model embeds only {unet_cfg.vocab_size}")

@@ -19,58 +19,48 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from data_pipeline.config_schema import ConfigSection, FieldError, constrained
 from engine.model.attention import BACKENDS, attention
 from engine.model.prompt_encoder import PromptEncoder
 
 
+def _at_least(default: int, low: int):
+    return constrained(default, f"int >= {low}", lambda v: v >= low)
+
+
 @dataclass(frozen=True)
-class UNetConfig:
-    image_size: int = 64
-    in_channels: int = 1
-    base_channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
+class UNetConfig(ConfigSection):
+    """The `model` section of a training config (and of an exported model)."""
+    SECTION = "model"
+    image_size: int = _at_least(64, 8)
+    in_channels: int = _at_least(1, 1)
+    base_channels: int = constrained(64, "even int >= 4", lambda v: v >= 4 and v % 2 == 0)
+    channel_mult: tuple[int, ...] = constrained((1, 2, 2, 2), "a non-empty list of ints >= 1",
+                                                lambda v: len(v) >= 1 and min(v) >= 1)
+    num_res_blocks: int = _at_least(2, 1)
     attention_resolutions: tuple[int, ...] = (16, 8)
-    num_heads: int = 4
-    dropout: float = 0.0
-    vocab_size: int = 128
-    max_tokens: int = 32
+    num_heads: int = _at_least(4, 1)
+    dropout: float = constrained(0.0, "float in [0, 1)", lambda v: 0.0 <= v < 1.0)
+    vocab_size: int = _at_least(128, 2)
+    max_tokens: int = _at_least(32, 1)
     context_dim: int = 128
-    encoder_layers: int = 2
-    encoder_heads: int = 4
-    attention_backend: str = "sdpa"
+    encoder_layers: int = _at_least(2, 0)
+    encoder_heads: int = _at_least(4, 1)
+    attention_backend: str = constrained("sdpa", f"one of {', '.join(BACKENDS)}", lambda v: v in BACKENDS)
     grad_checkpointing: bool = False
     extra: dict = field(default_factory=dict)  # reserved for forward-compatible additions
 
-    def __post_init__(self) -> None:
-        checks = {
-            "image_size": self.image_size >= 8 and self.image_size % (2 ** (len(self.channel_mult) - 1)) == 0,
-            "base_channels": self.base_channels >= 4 and self.base_channels % 2 == 0,
-            "channel_mult": len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult),
-            "num_res_blocks": self.num_res_blocks >= 1,
-            "num_heads": self.num_heads >= 1,
-            "dropout": 0.0 <= self.dropout < 1.0,
-            "vocab_size": self.vocab_size >= 2,
-            "max_tokens": self.max_tokens >= 1,
-            "context_dim": self.context_dim % max(self.encoder_heads, 1) == 0,
-            "encoder_heads": self.encoder_heads >= 1,
-            "encoder_layers": self.encoder_layers >= 0,
-            "attention_backend": self.attention_backend in BACKENDS,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"model.{key}: invalid value {getattr(self, key)!r}")
+    def check(self) -> None:
+        halvings = 2 ** (len(self.channel_mult) - 1)   # one downsampling per level after the first
+        if self.image_size % halvings:
+            raise FieldError("image_size", f"expected a multiple of {halvings} ({len(self.channel_mult)} "
+                                           f"channel_mult levels), got {self.image_size}")
+        if self.context_dim < 1 or self.context_dim % self.encoder_heads:
+            raise FieldError("context_dim", f"expected a positive multiple of encoder_heads "
+                                            f"({self.encoder_heads}), got {self.context_dim}")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        d = dict(d)
-        for key in ("channel_mult", "attention_resolutions"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
 
 
 def _groups(channels: int) -> int:

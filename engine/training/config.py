@@ -2,7 +2,7 @@
 
     {"output_dir": "runs/cfg",
      "deepspeed":    {micro-batch, accumulation, AdamW, ZeRO stage, bf16, clipping}  -> DeepSpeed
-     "data":         {...}                  -> data_pipeline.dataset.prepare_dataset (its own keys)
+     "data":         {...}                  -> data_pipeline.dataset.DataConfig
      "model":        {...}                  -> engine.model.unet.UNetConfig
      "diffusion":    {...}                  -> engine.diffusion.schedule.DiffusionConfig
      "conditioning": {"p_uncond": 0.5}
@@ -14,21 +14,23 @@
 Every error is one line naming the file and the key, e.g.
     configs/x.json: training.steps: expected int > 0, got -3
 
-Adding a validated section is a dataclass plus one field on `TrainConfig`: fields are checked by
-their type hints, and `constrained(default, "what is expected", predicate)` adds a value check.
+Every section, here and in the packages that own one (data, augment, model, diffusion, dp,
+screening), is declared the same way: a `data_pipeline.config_schema.ConfigSection` dataclass whose
+fields are checked by their type hints, `constrained(default, "what is expected", predicate)` for
+a value check and `check()` for checks across its fields. Adding a section is such a dataclass plus
+one field on `TrainConfig`; checks that span sections are the `_check_*` functions below.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from data_pipeline.augment import AugmentConfig
-from data_pipeline.dataset import validate_data_config
+from data_pipeline.config_schema import ConfigSection, InvalidConfig, build, constrained, to_jsonable
+from data_pipeline.dataset import DataConfig
 from engine.diffusion.schedule import DiffusionConfig
 from engine.model.unet import UNetConfig
 from engine.training.dp_sgd import DPConfig, check_deepspeed_for_dp
@@ -39,17 +41,11 @@ class ConfigError(ValueError):
     """A one-line message `<file>: <key>: <problem>`."""
 
 
-def constrained(default: Any, expects: str, ok: Callable[[Any], bool], **kwargs) -> Any:
-    """A dataclass field whose value must satisfy `ok`; `expects` reads like `int > 0`."""
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"check": (expects, ok)}, **kwargs)
-    return field(default=default, metadata={"check": (expects, ok)}, **kwargs)
-
-
 # ----------------------------------------------------------------------------- sections
 
 @dataclass(frozen=True)
-class AdamWParams:
+class AdamWParams(ConfigSection):
+    SECTION = "deepspeed.optimizer.params"
     lr: float = constrained(1e-4, "float > 0", lambda v: v > 0)
     betas: tuple[float, float] = constrained((0.9, 0.999), "two floats in [0, 1)",
                                              lambda v: all(0 <= b < 1 for b in v))
@@ -58,20 +54,23 @@ class AdamWParams:
 
 
 @dataclass(frozen=True)
-class OptimizerSection:
+class OptimizerSection(ConfigSection):
+    SECTION = "deepspeed.optimizer"
     type: Literal["AdamW"] = "AdamW"
     params: AdamWParams = field(default_factory=AdamWParams)
 
 
 @dataclass(frozen=True)
-class SchedulerSection:
+class SchedulerSection(ConfigSection):
+    SECTION = "deepspeed.scheduler"
     # DeepSpeed's schedulers; their params are checked by DeepSpeed itself at start-up.
     type: Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest"] = "WarmupLR"
     params: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class ZeroSection:
+class ZeroSection(ConfigSection):
+    SECTION = "deepspeed.zero_optimization"
     stage: int = constrained(0, "int in 0..3", lambda v: 0 <= v <= 3)
     # Further ZeRO knobs (overlap_comm, reduce_bucket_size, offload_*) go to DeepSpeed unchanged and
     # are validated there by its own config model when the config is loaded.
@@ -79,12 +78,14 @@ class ZeroSection:
 
 
 @dataclass(frozen=True)
-class BF16Section:
+class BF16Section(ConfigSection):
+    SECTION = "deepspeed.bf16"
     enabled: bool = False
 
 
 @dataclass(frozen=True)
-class DeepSpeedSection:
+class DeepSpeedSection(ConfigSection):
+    SECTION = "deepspeed"
     train_micro_batch_size_per_gpu: int = constrained(32, "int > 0", lambda v: v > 0)
     gradient_accumulation_steps: int = constrained(1, "int > 0", lambda v: v > 0)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -112,13 +113,15 @@ class DeepSpeedSection:
 
 
 @dataclass(frozen=True)
-class ConditioningSection:
+class ConditioningSection(ConfigSection):
+    SECTION = "conditioning"
     # Classifier-free guidance training: replace the prompt by the null prompt with this probability.
     p_uncond: float = constrained(0.1, "float in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 @dataclass(frozen=True)
-class TrainingSection:
+class TrainingSection(ConfigSection):
+    SECTION = "training"
     steps: int = constrained(1000, "int > 0", lambda v: v > 0)
     seed: int = constrained(0, "int in [0, 2^31)", lambda v: 0 <= v < 2**31)
     log_every: int = constrained(50, "int > 0", lambda v: v > 0)
@@ -134,14 +137,16 @@ class TrainingSection:
 
 
 @dataclass(frozen=True)
-class CompileSection:
+class CompileSection(ConfigSection):
+    SECTION = "compile"
     enabled: bool | None = None   # null: on when training on CUDA, off on CPU
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     backend: str = "inductor"
 
 
 @dataclass(frozen=True)
-class LoggingSection:
+class LoggingSection(ConfigSection):
+    SECTION = "logging"
     tensorboard: bool = True
     progress: bool = True
     # Sample grids: the first `sample_prompts` prompts of `sample_split` x `sample_seeds`, at every
@@ -156,151 +161,27 @@ class LoggingSection:
     sample_sampler: Literal["ddim", "ddpm"] = "ddim"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(ConfigSection):
     output_dir: str = "runs/default"
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    data: dict = field(default_factory=dict)   # data_pipeline's keys, passed to prepare_dataset
+    data: DataConfig                           # data_pipeline.dataset: read, cached, split, tokenized
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     conditioning: ConditioningSection = field(default_factory=ConditioningSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     compile: CompileSection = field(default_factory=CompileSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    # Mitigation sections (null = off). Each owner replaces `dict | None` by its dataclass.
-    augment: AugmentConfig | None = None
+    # Mitigation sections (null = off).
+    augment: AugmentConfig | None = None       # data_pipeline.augment
     dp: DPConfig | None = None                 # engine.training.dp_sgd
     screening: ScreeningConfig | None = None   # engine.training.screening
 
     def to_dict(self) -> dict:
-        return _to_jsonable(self)
+        return to_jsonable(self)
 
 
-# ----------------------------------------------------------------------------- validation
-
-def _type_name(tp: Any) -> str:
-    if tp is Any:
-        return "any value"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
-    if origin in (tuple, list):
-        args = typing.get_args(tp)
-        inner = _type_name(args[0]) if args else "value"
-        return f"a list of {inner}" + ("s" if not inner.endswith("s") else "")
-    if dataclasses.is_dataclass(tp):
-        return "an object"
-    return {int: "int", float: "float", str: "string", bool: "bool", dict: "an object"}.get(tp, str(tp))
-
-
-def _got(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Invalid(Exception):
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        # Messages from UNetConfig / DiffusionConfig already start with their key ("model.x: ...").
-        super().__init__(message if message.startswith((key + ".", key + ":")) else f"{key}: {message}")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """`value` (parsed JSON) as type `tp`, or _Invalid naming `key`."""
-    fail = _Invalid(key, f"expected {_type_name(tp)}, got {_got(value)}")
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise fail
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key)
-            except _Invalid as exc:
-                if exc.key != key:   # the problem is inside the value: report it where it is
-                    raise
-        raise fail
-    if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-        raise fail
-    if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise fail
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise _Invalid(key, f"expected {len(args)} values, got {len(value)}")
-            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            inner = args[0] if args else Any
-            items = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin or tp) is tuple else items
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise fail
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise fail
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise fail
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise fail
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise fail
-    raise _Invalid(key, f"cannot check values of type {tp}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Instantiate dataclass `cls` from a JSON object, checking keys, types and constraints."""
-    if not isinstance(raw, dict):
-        raise _Invalid(prefix or "(top level)", f"expected an object, got {_got(raw)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for name in raw:
-        if name not in fields:
-            where = f"{prefix}.{name}" if prefix else name
-            raise _Invalid(where, f"unknown key (expected one of: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in raw:
-            continue
-        key = f"{prefix}.{name}" if prefix else name
-        value = _convert(raw[name], hints[name], key)
-        check = f.metadata.get("check")
-        if check is not None and value is not None:
-            expects, ok = check
-            if not ok(value):
-                raise _Invalid(key, f"expected {expects}, got {_got(raw[name])}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        # UNetConfig / DiffusionConfig check themselves and already name the key ("model.x: ...").
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        # Key the error by the field it names, so an optional section
-        # (`X | None`) reports the field instead of "expected an object or null"
-        named = message.split(":", 1)[0]
-        if prefix and named.startswith(prefix + ".") and " " not in named and ": " in message:
-            raise _Invalid(named, message.split(": ", 1)[1]) from None
-        raise _Invalid(prefix or "(top level)", message) from None
-
+# ----------------------------------------------------------------------------- checks across sections
 
 def _check_zero_options(cfg: TrainConfig) -> None:
     options = {"stage": cfg.deepspeed.zero_optimization.stage, **cfg.deepspeed.zero_optimization.options}
@@ -314,43 +195,29 @@ def _check_zero_options(cfg: TrainConfig) -> None:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[2] if len(lines) > 2 else lines[-1]
         bad = lines[1] if len(lines) > 1 else "?"
-        raise _Invalid(f"deepspeed.zero_optimization.{bad}", detail) from None
-
-
-def _check_data(cfg: TrainConfig) -> TrainConfig:
-    """The data section is data_pipeline's: its own validator fills defaults and names bad keys."""
-    try:
-        data = validate_data_config(cfg.data)
-    except ValueError as exc:
-        message = str(exc).splitlines()[0]
-        key, _, detail = message.partition(": ")
-        if not (key.startswith("data") and detail):  # data_pipeline names the key as "data.x: ..."
-            key, detail = "data", message
-        raise _Invalid(key, detail) from None
-    return dataclasses.replace(cfg, data=data)
+        raise InvalidConfig(f"deepspeed.zero_optimization.{bad}", detail) from None
 
 
 def _check_consistency(cfg: TrainConfig) -> None:
     """Checks that span sections."""
-    size = cfg.data["image_size"]
+    size = cfg.data.image_size
     if size != cfg.model.image_size:
-        raise _Invalid("model.image_size", f"expected data.image_size ({size}), got {cfg.model.image_size}")
+        raise InvalidConfig("model.image_size", f"expected data.image_size ({size}), got {cfg.model.image_size}")
 
 
-# --- cross-section checks of dp / screening ---------------------------------------------------
 def _check_mitigations(cfg: TrainConfig) -> None:
     if cfg.dp is not None and cfg.dp.enabled:
         try:
             check_deepspeed_for_dp(cfg.deepspeed.to_deepspeed())
         except ValueError as exc:
             key, _, message = str(exc).partition(": ")
-            raise _Invalid(key, message) from None
+            raise InvalidConfig(key, message) from None
         if cfg.model.grad_checkpointing:
-            raise _Invalid("model.grad_checkpointing", "expected false with dp.enabled (per-sample norms need "
-                                                       "the recorded activations)")
+            raise InvalidConfig("model.grad_checkpointing", "expected false with dp.enabled (per-sample norms "
+                                                            "need the recorded activations)")
         if cfg.screening is not None and cfg.screening.enabled:
-            raise _Invalid("screening.enabled", "expected false with dp.enabled (screening looks at each "
-                                                "sample's data outside the clipped gradient: no DP guarantee)")
+            raise InvalidConfig("screening.enabled", "expected false with dp.enabled (screening looks at each "
+                                                     "sample's data outside the clipped gradient: no DP guarantee)")
 
 
 def _pull_zero_options(raw: dict) -> dict:
@@ -399,12 +266,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def config_from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
     try:
-        cfg = _build(TrainConfig, _pull_zero_options(raw), "")
-        cfg = _check_data(cfg)
+        cfg = build(TrainConfig, _pull_zero_options(raw), "")
         _check_zero_options(cfg)
         _check_consistency(cfg)
         _check_mitigations(cfg)
-    except _Invalid as exc:
+    except InvalidConfig as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
 
@@ -427,16 +293,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config_from_dict(raw, str(path))
-
-
-def _to_jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _to_jsonable(v) for k, v in obj.items()}
-    return obj
 
 
 def resolved_json(cfg: TrainConfig) -> str:

@@ -1,4 +1,4 @@
-"""DP-SGD for the conditional diffusion model: Poisson batches, per-sample clipping, one noise draw.
+"""DP-SGD for the conditional diffusion model: per-sample clipping and one noise draw per step.
 
 One private step on the global Poisson batch S (each of the N training examples included
 independently with probability q; |S| varies, E|S| = qN):
@@ -21,10 +21,11 @@ How it is computed:
     once for the global batch and every rank holds the same gradient. With the same samples this is
     the single-process computation (up to summation order).
   * randomness of the loss (t and eps per example) is drawn from (seed, step, example index), not
-    from the position in the local batch, so sharding the batch over ranks does not change it.
+    from the position in the local batch, so sharding the batch over ranks does not change it
+    (engine.training.diffusion_loss.make_dp_batch); the batches are data_pipeline.poisson's.
 
-DeepSpeed: our all-reduce replaces DeepSpeed's; the trainer calls `DPSGD.backward` on
-`engine.module` instead of `engine.backward`, then `engine.step()`, with ZeRO stage 0,
+DeepSpeed: our all-reduce replaces DeepSpeed's; the DP step (engine.training.steps.DPStep) calls
+`DPSGD.backward` on `engine.module` instead of `engine.backward`, then `engine.step()`, with ZeRO stage 0,
 gradient_accumulation_steps 1 and fp32 (`check_deepspeed_for_dp` rejects anything else). Stages >= 1 reduce,
 average or partition gradients inside DeepSpeed's backward/step, which would average our noisy sum
 or drop the noise onto one partition.
@@ -35,78 +36,48 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_pipeline.images import to_model_range
-from engine.diffusion.guidance import null_tokens_like
-from engine.diffusion.schedule import NoiseSchedule, loss_weights, per_sample_loss, q_sample, target_for
-from engine.training.privacy import ACCOUNTANTS, solve_noise_multiplier
+from data_pipeline.config_schema import ConfigSection, FieldError, constrained
+from data_pipeline.keyed_random import keyed_seed
+from engine.training.diffusion_loss import Batch, LossFn
+from engine.training.privacy import Accountant, solve_noise_multiplier
 from kernels.dp_clip import PerSampleNormHooks, add_noise_and_scale_, clip_factors
 
 log = logging.getLogger(__name__)
-NORM_METHODS = ("auto", "ghost", "vmap")
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+NOISE_TAG = 0x4015E   # keyed_random purpose tag of the Gaussian noise's seed
 
 
 # ----------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
-class DPConfig:
+class DPConfig(ConfigSection):
     """The `dp` section of a training config. Give noise_multiplier OR target_epsilon, and
     sample_rate OR expected_batch_size (q = expected_batch_size / N)."""
+    SECTION = "dp"
     enabled: bool = False
-    clip_norm: float = 1.0
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    accountant: str = "prv"
-    sample_rate: float | None = None
-    expected_batch_size: int | None = None
-    noise_multiplicity: int = 1
-    norm_method: str = "auto"
-    vmap_chunk: int = 16
+    clip_norm: float = constrained(1.0, "float > 0", lambda v: v > 0)
+    noise_multiplier: float | None = constrained(None, "float >= 0 or null", lambda v: v >= 0)
+    target_epsilon: float | None = constrained(None, "float > 0 or null", lambda v: v > 0)
+    delta: float = constrained(1e-5, "float in (0, 1)", lambda v: 0 < v < 1)
+    accountant: Accountant = "prv"
+    sample_rate: float | None = constrained(None, "float in (0, 1] or null", lambda v: 0 < v <= 1)
+    expected_batch_size: int | None = constrained(None, "int >= 1 or null", lambda v: v >= 1)
+    noise_multiplicity: int = constrained(1, "int >= 1", lambda v: v >= 1)
+    norm_method: Literal["auto", "ghost", "vmap"] = "auto"
+    vmap_chunk: int = constrained(16, "int >= 1", lambda v: v >= 1)
     secure_noise_seed: bool = False  # draw the noise seed from the OS (rank 0, broadcast) instead of (seed, step)
 
-    def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> None:
-            raise ValueError(f"dp.{key}: {why}, got {getattr(self, key)!r}")
-        if not isinstance(self.enabled, bool):
-            bad("enabled", "expected true/false")
-        if not (isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0):
-            bad("clip_norm", "expected a number > 0")
-        if self.noise_multiplier is not None and not (isinstance(self.noise_multiplier, (int, float))
-                                                      and self.noise_multiplier >= 0):
-            bad("noise_multiplier", "expected a number >= 0")
-        if self.target_epsilon is not None and not (isinstance(self.target_epsilon, (int, float))
-                                                    and self.target_epsilon > 0):
-            bad("target_epsilon", "expected a number > 0")
-        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
-            bad("delta", "expected 0 < delta < 1")
-        if self.accountant not in ACCOUNTANTS:
-            bad("accountant", f"expected one of {ACCOUNTANTS}")
-        if self.sample_rate is not None and not (isinstance(self.sample_rate, (int, float))
-                                                 and 0 < self.sample_rate <= 1):
-            bad("sample_rate", "expected 0 < q <= 1")
-        if self.expected_batch_size is not None and not (isinstance(self.expected_batch_size, int)
-                                                         and self.expected_batch_size >= 1):
-            bad("expected_batch_size", "expected an integer >= 1")
-        if not (isinstance(self.noise_multiplicity, int) and self.noise_multiplicity >= 1):
-            bad("noise_multiplicity", "expected an integer >= 1")
-        if self.norm_method not in NORM_METHODS:
-            bad("norm_method", f"expected one of {NORM_METHODS}")
-        if not (isinstance(self.vmap_chunk, int) and self.vmap_chunk >= 1):
-            bad("vmap_chunk", "expected an integer >= 1")
+    def check(self) -> None:
         if self.enabled:
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
-                raise ValueError("dp.noise_multiplier: give exactly one of dp.noise_multiplier and dp.target_epsilon")
+                raise FieldError("noise_multiplier", "give exactly one of noise_multiplier and target_epsilon")
             if (self.sample_rate is None) == (self.expected_batch_size is None):
-                raise ValueError("dp.sample_rate: give exactly one of dp.sample_rate and dp.expected_batch_size")
+                raise FieldError("sample_rate", "give exactly one of sample_rate and expected_batch_size")
 
     def resolve(self, num_examples: int, planned_steps: int) -> "ResolvedDP":
         """Fix q and sigma for a dataset of `num_examples` and a run of `planned_steps` steps."""
@@ -146,95 +117,6 @@ def check_deepspeed_for_dp(ds_config: dict | None) -> None:
         # DeepSpeed's mixed-precision optimizers keep their own gradient buffers filled by its backward
         if (ds_config.get(key) or {}).get("enabled", False):
             raise ValueError(f"deepspeed.{key}.enabled: DP-SGD runs its own backward and needs fp32 (set false)")
-
-
-# ----------------------------------------------------------------------------- Poisson sampling
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(k) & (2**63 - 1) for k in key]))
-
-
-def poisson_indices(num_examples: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
-    """The global batch of `step`: each example kept independently with prob q; sorted int64 indices.
-
-    Deterministic in (seed, step), identical on every rank, so resuming and sharding reproduce it."""
-    keep = _rng(seed, step, 0x9015).random(num_examples) < sample_rate
-    return torch.from_numpy(np.flatnonzero(keep)).long()
-
-
-def shard_indices(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's share of a global batch (strided, so shares differ in size by at most one)."""
-    return indices[rank::world_size]
-
-
-def poisson_batches(images: np.ndarray | torch.Tensor, tokens: torch.Tensor, sample_rate: float, *, seed: int,
-                    rank: int = 0, world_size: int = 1, start_step: int = 0, augment=None,
-                    device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Infinite stream of this rank's (images float [-1,1] [b,1,S,S], tokens [b,L], index [b]) per step.
-    Images and tokens go to `device`; the example index stays on the CPU, where the per-example
-    randomness of `make_dp_batch` is drawn from it.
-
-    images: uint8 [N, S, S] (SplitData.images); b may be 0 on a step. `augment` is an
-    `AugmentConfig` applied by `data_pipeline.augment.augment_batch` with a (seed, step, rank) generator.
-    """
-    images = torch.as_tensor(images)
-    n = images.shape[0]
-    step = start_step
-    while True:
-        idx = shard_indices(poisson_indices(n, sample_rate, seed, step), rank, world_size)
-        x = to_model_range(images[idx])
-        if augment is not None and len(idx):
-            from data_pipeline.augment import augment_batch  # noqa: PLC0415 - only when augmenting
-            gen = torch.Generator().manual_seed(int(_rng(seed, step, rank, 0xA06).integers(2**62)))
-            x = augment_batch(x, augment, gen)
-        yield x.to(device), tokens[idx].to(device), idx
-        step += 1
-
-
-# ----------------------------------------------------------------------------- the loss
-
-def diffusion_inputs(index: torch.Tensor, image_shape: tuple[int, ...], num_timesteps: int, *, seed: int,
-                     step: int, multiplicity: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t [b, K] int64, noise [b, K, *image_shape], u [b] uniform for the CFG drop) from
-    (seed, step, example index): the same whichever rank or batch position the example lands on."""
-    ts, noises, us = [], [], []
-    for i in index.tolist():
-        g = torch.Generator().manual_seed(int(_rng(seed, step, i, 0xD1F).integers(2**62)))
-        us.append(torch.rand((), generator=g))
-        ts.append(torch.randint(0, num_timesteps, (multiplicity,), generator=g))
-        noises.append(torch.randn((multiplicity, *image_shape), generator=g))
-    if not ts:
-        return (torch.zeros(0, multiplicity, dtype=torch.long), torch.zeros(0, multiplicity, *image_shape),
-                torch.zeros(0))
-    return torch.stack(ts), torch.stack(noises), torch.stack(us)
-
-
-def make_dp_batch(x0: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, schedule: NoiseSchedule, *,
-                  seed: int, step: int, multiplicity: int = 1, p_uncond: float = 0.0) -> Batch:
-    """The inputs of `diffusion_loss_fn` for this rank's examples; prompts are replaced by the null
-    prompt with probability p_uncond (classifier-free guidance training), decided per example."""
-    t, noise, u = diffusion_inputs(index, tuple(x0.shape[1:]), schedule.num_timesteps, seed=seed, step=step,
-                                   multiplicity=multiplicity)
-    if p_uncond > 0 and len(u):
-        drop = (u < p_uncond).to(tokens.device)
-        tokens = torch.where(drop[:, None], null_tokens_like(tokens), tokens)
-    return {"x0": x0, "tokens": tokens, "t": t.to(x0.device), "noise": noise.to(x0.device, x0.dtype)}
-
-
-def diffusion_loss_fn(schedule: NoiseSchedule, parameterization: str = "eps",
-                      min_snr_gamma: float | None = None) -> LossFn:
-    """loss_fn(model, batch) -> [b]: the training loss of each example, averaged over its K draws."""
-    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        b, k = batch["t"].shape
-        x0 = batch["x0"].repeat_interleave(k, dim=0)
-        tokens = batch["tokens"].repeat_interleave(k, dim=0)
-        t, noise = batch["t"].reshape(-1), batch["noise"].flatten(0, 1)
-        x_t = q_sample(x0, t, noise, schedule)
-        pred = model(x_t, t, tokens)
-        target = target_for(x0, noise, t, schedule, parameterization)
-        weights = loss_weights(t, schedule, parameterization, min_snr_gamma)
-        return per_sample_loss(pred, target, weights).reshape(b, k).mean(dim=1)
-    return loss_fn
 
 
 # ----------------------------------------------------------------------------- the step
@@ -325,7 +207,7 @@ class DPSGD:
     def noise_seed(self, step: int) -> int:
         """The Philox seed of this step's noise, identical on every rank."""
         if not self.cfg.secure_noise_seed:
-            return int(_rng(self.seed, step, 0x4015E).integers(2**62))
+            return keyed_seed(self.seed, step, NOISE_TAG)
         s = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
         if self.world_size > 1:
             # gloo/nccl need the tensor on the backend's device; the model's device is right for both
@@ -386,47 +268,3 @@ class DPSGD:
         return {"dp/batch_size": size, "dp/clipped_fraction": clipped / n,
                 "dp/grad_norm_mean": norm_sum / n, "loss": loss_sum / n,
                 "dp/noise_std": self.resolved.noise_multiplier * self.cfg.clip_norm / self.resolved.expected_batch_size}
-
-
-
-class DPTraining:
-    """Everything the trainer holds when `dp.enabled`: the Poisson stream of this rank's examples,
-    the DP-SGD backward and the accountant. Per optimizer step the trainer calls `backward(step)`
-    (instead of its micro-batch loop) and then `engine.step()`."""
-
-    def __init__(self, cfg: DPConfig, module: nn.Module, split, schedule: NoiseSchedule, *, parameterization: str,
-                 min_snr_gamma: float | None, p_uncond: float, seed: int, rank: int, world_size: int,
-                 start_step: int, total_steps: int, augment=None, device: str | torch.device = "cpu") -> None:
-        from engine.training.privacy import PrivacyAccountant  # noqa: PLC0415
-        self.resolved = cfg.resolve(len(split.images), total_steps)
-        self.cfg, self.schedule, self.seed, self.p_uncond = cfg, schedule, seed, p_uncond
-        self.dp = DPSGD(module, self.resolved, seed=seed)
-        self.loss_fn = diffusion_loss_fn(schedule, parameterization, min_snr_gamma)
-        self.accountant = PrivacyAccountant(self.resolved.noise_multiplier, self.resolved.sample_rate, cfg.delta,
-                                            cfg.accountant, steps=start_step)
-        self.batches = poisson_batches(split.images, split.tokens, self.resolved.sample_rate, seed=seed, rank=rank,
-                                       world_size=world_size, start_step=start_step, augment=augment, device=device)
-        self.last: dict[str, float] = {}
-
-    def describe(self) -> str:
-        r = self.resolved
-        how = f"target epsilon {self.cfg.target_epsilon:g}" if self.cfg.target_epsilon is not None else "given"
-        return (f"dp: sigma {r.noise_multiplier:.4g} ({how}), clip {self.cfg.clip_norm:g}, q {r.sample_rate:.4g} "
-                f"(expected batch {r.expected_batch_size:.4g}), K {self.cfg.noise_multiplicity}, delta "
-                f"{self.cfg.delta:g}, {self.cfg.accountant} accountant, norms by {self.dp.method}")
-
-    def backward(self, step: int) -> torch.Tensor:
-        """One DP-SGD backward for optimizer step `step`; returns the batch's mean loss (a 0-d tensor)."""
-        x0, tokens, index = next(self.batches)
-        batch = make_dp_batch(x0, tokens, index, self.schedule, seed=self.seed, step=step,
-                              multiplicity=self.cfg.noise_multiplicity, p_uncond=self.p_uncond)
-        self.last = self.dp.backward(self.loss_fn, batch, step)
-        self.accountant.step()
-        return torch.tensor(self.last["loss"])
-
-    def log_fields(self) -> dict[str, float]:
-        fields = {k: v for k, v in self.last.items() if k.startswith("dp/")}
-        return {**fields, "dp/epsilon": self.accountant.epsilon(), "dp/delta": self.cfg.delta}
-
-    def summary(self) -> dict:
-        return self.accountant.summary()

@@ -15,8 +15,11 @@ for small k); deduplicate or sample one image per patient when a per-patient gua
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
-ACCOUNTANTS = ("prv", "rdp")
+Accountant = Literal["prv", "rdp"]
+ACCOUNTANTS = typing.get_args(Accountant)
 
 
 def _check(sample_rate: float, delta: float, accountant: str) -> None:

@@ -12,41 +12,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from data_pipeline.config_schema import ConfigSection, FieldError, constrained
 from engine.diffusion.guidance import conditional_noise_magnitude, noise_magnitude, null_tokens_like
 from engine.diffusion.schedule import NoiseSchedule, eps_from_prediction, q_sample
 
-UNITS = ("raw", "rms")
-
 
 @dataclass(frozen=True)
-class ScreeningConfig:
+class ScreeningConfig(ConfigSection):
     """The `screening` section of a training config."""
+    SECTION = "screening"
     enabled: bool = False
-    tau: float = 0.0
-    units: str = "rms"
+    tau: float = constrained(0.0, "finite float >= 0", lambda v: math.isfinite(v) and v >= 0)
+    units: Literal["raw", "rms"] = "rms"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"screening.enabled: expected true/false, got {self.enabled!r}")
-        if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or not math.isfinite(self.tau) \
-                or self.tau < 0 or (self.enabled and self.tau == 0):
-            raise ValueError(f"screening.tau: expected a finite number > 0, got {self.tau!r}")
-        if self.units not in UNITS:
-            raise ValueError(f"screening.units: expected one of {UNITS}, got {self.units!r}")
+    def check(self) -> None:
+        if self.enabled and self.tau == 0:
+            raise FieldError("tau", "expected a finite float > 0 with screening enabled, got 0")
 
 
 @dataclass
 class ScreenResult:
     keep: torch.Tensor        # [B] bool: samples that stay in the loss
     magnitude: torch.Tensor   # [B] L in the configured units
-
-    @property
-    def fraction_dropped(self) -> float:   # a host sync: for reports, not the training step
-        return 1.0 - float(self.keep.float().mean()) if self.keep.numel() else 0.0
 
 
 @torch.no_grad()

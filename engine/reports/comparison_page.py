@@ -1,0 +1,179 @@
+"""The before/after audit page: one self-contained HTML table, plots and images per comparison.
+
+Shows the audits of engine.audit.generation_audit (a baseline and its mitigations, or several runs)
+side by side: the headline numbers, the distributions, for guidance sweeps the numbers against w, and
+generation 0 of the first prompts with each one's nearest training image. Every piece of text that
+comes from data goes through html.escape. `write_comparison` writes report.html and summary.json.
+"""
+from __future__ import annotations
+
+import html
+import os
+
+from data_pipeline.atomic_files import write_json, write_text
+from engine.audit.generation_audit import Comparison, Generations
+from engine.audit.run_data import RealImages
+from engine.reports.figures import figure_img, png_data_uri, pyplot
+
+CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1300px}table{border-collapse:collapse}"
+       "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;vertical-align:top}")
+
+
+def headline(audit: dict) -> dict:
+    """The few numbers a before/after table shows, flat."""
+    det, cop, q = audit["detection"], audit["copying"], audit["quality"]
+    row = {"score mean (rms)": det["score_mean"], "planted score mean": det.get("planted_score_mean"),
+           "control score mean": det.get("control_score_mean"),
+           "planted flagged": det.get("planted_flagged_fraction"), "threshold": det["threshold"],
+           "AUC planted vs control": (det.get("auc/score/planted_vs_control") or {}).get("auc"),
+           "TPR@1%FPR planted vs control": (det.get("auc/score/planted_vs_control") or {}).get("tpr_at_1pct_fpr"),
+           f"nearest-train sim. median ({cop['space']})": cop["nearest_similarity"].get("median"),
+           "copy rate (Dar)": (cop.get("dar") or {}).get("copy_fraction"),
+           "copy rate, planted prompts": cop.get("copy_fraction_planted"),
+           "planted: nearest is planted image": cop.get("planted_nearest_is_planted_fraction")}
+    pix = cop.get("planted_pixels") or {}
+    if pix:
+        row["planted: nearest is planted image (pixels)"] = pix["nearest_is_planted_fraction"]
+        row["  95% interval (prompts resampled); null rate (other prompts' generations)"] = \
+            "[{:.3g}, {:.3g}]; {}".format(*pix["nearest_is_planted_ci95"], _fmt(pix["null_rate"]))
+        row["planted: correlation to own planted image, median (pixels)"] = pix["own_correlation"]["median"]
+    for name, v in q.items():
+        if name == "label_conformance":
+            real_auc = (v.get("real_heldout") or {}).get("macro_auc")
+            row[f"label conformance, macro AUC (real held-out {_fmt(real_auc)})"] = v["generated"]["macro_auc"]
+        else:
+            row[f"FD {name} (real floor {v['real_train_vs_heldout']:.3g})"] = v["frechet_to_heldout"]
+    return row
+
+
+def headline_text(name: str, audit: dict) -> str:
+    """One line of the headline's numbers, for a terminal."""
+    return f"{name:>24s}: " + "  ".join(f"{k}={v:.4g}" for k, v in headline(audit).items() if isinstance(v, float))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def comparison_table(names: list[str], audits: list[dict]) -> str:
+    rows = [headline(a) for a in audits]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    head = "<tr><th>measure</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
+    body = "".join("<tr><td>" + html.escape(k) + "</td>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for r in rows)
+                   + "</tr>" for k in keys)
+    return f"<table>{head}{body}</table>"
+
+
+def distribution_plot(names: list[str], audits: list[dict]) -> str:
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.4))
+    for name, a in zip(names, audits):
+        v = a["copying"]["nearest_similarity"].get("values", [])
+        axes[0].hist(v, bins=30, histtype="step", label=name)
+        axes[1].scatter([name] * len(a["per_prompt"]), [r["score"] for r in a["per_prompt"]], s=10,
+                        c=["tab:red" if r["group"] == "planted" else "tab:blue" for r in a["per_prompt"]])
+    axes[0].set(xlabel=f"nearest training similarity ({audits[0]['copying']['space']})", ylabel="generations")
+    axes[0].legend(fontsize=7)
+    axes[1].set(ylabel="memorization score (rms)", title="per prompt (red: planted)")
+    return figure_img(fig)
+
+
+def guidance_plot_html(audits: list[dict]) -> str:
+    """Memorization score, copy rate and Fréchet distance against w (three panels) of a guidance sweep."""
+    plt = pyplot()
+    w = [a["guidance"] for a in audits]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    _scores_against_guidance(ax[0], w, audits)
+    _copying_against_guidance(ax[1], w, audits)
+    _quality_against_guidance(ax[2], w, audits)
+    return figure_img(fig)
+
+
+def _scores_against_guidance(ax, w: list[float], audits: list[dict]) -> None:
+    for key, label in (("planted_score_mean", "planted"), ("control_score_mean", "control"),
+                       ("ordinary_score_mean", "ordinary"), ("score_mean", "all")):
+        ys = [a["detection"].get(key) for a in audits]
+        if all(y is not None for y in ys):
+            ax.plot(w, ys, "o-", label=label)
+    ax.set(xlabel="guidance w", ylabel="memorization score (rms)")
+    ax.legend(fontsize=7)
+
+
+def _copying_against_guidance(ax, w: list[float], audits: list[dict]) -> None:
+    for key, label in (("copy_fraction_planted", "planted prompts"), ("copy_fraction_control", "control prompts"),
+                       ("copy_fraction_ordinary", "ordinary prompts")):
+        ys = [a["copying"].get(key) for a in audits]
+        if all(y is not None for y in ys):
+            ax.plot(w, ys, "o-", label=label)
+    ys = [(a["copying"].get("dar") or {}).get("copy_fraction") for a in audits]
+    if all(y is not None for y in ys):
+        ax.plot(w, ys, "k--", label="all generations")
+    pix = [a["copying"].get("planted_pixels") or {} for a in audits]
+    if all(pix):   # the ground truth for planted duplicates: is the nearest training image the planted one?
+        ax.plot(w, [p["nearest_is_planted_fraction"] for p in pix], "rs-", label="planted: nearest is planted (pixels)")
+        if all(p["null_rate"] is not None for p in pix):
+            ax.plot(w, [p["null_rate"] for p in pix], "r:", marker=".", label="null: other prompts' generations")
+    ax.set(xlabel="guidance w", ylabel=f"fraction of generations (copy rate: {audits[0]['copying']['space']})")
+    ax.legend(fontsize=7)
+
+
+def _quality_against_guidance(ax, w: list[float], audits: list[dict]) -> None:
+    for name in [n for n, v in audits[0]["quality"].items() if "frechet_to_heldout" in v]:
+        ax.plot(w, [a["quality"][name]["frechet_to_heldout"] for a in audits], "o-", label=name)
+        ax.axhline(audits[0]["quality"][name]["real_train_vs_heldout"], ls=":", lw=0.8)
+    ax.set(xlabel="guidance w", ylabel="Fréchet distance to held-out (dotted: real floor)", yscale="log")
+    ax.legend(fontsize=7, loc="upper left")
+    conf = [a["quality"].get("label_conformance") for a in audits]
+    if all(conf):   # prompt adherence: what lowering w costs
+        twin = ax.twinx()
+        twin.plot(w, [c["generated"]["macro_auc"] for c in conf], "k^-", label="label conformance (AUC)")
+        real_auc = (conf[0].get("real_heldout") or {}).get("macro_auc")
+        if real_auc is not None:
+            twin.axhline(real_auc, color="k", ls="--", lw=0.8, label="same, real held-out")
+        twin.set_ylabel("label conformance, macro AUC")
+        twin.legend(fontsize=7, loc="lower right")
+
+
+def side_by_side_grid(names: list[str], gens: list[Generations], real: RealImages, audits: list[dict],
+                      max_prompts: int = 8) -> str:
+    """For the first planted prompts (then others): generation 0 of every run and each one's nearest training image."""
+    order = sorted(range(len(gens[0].prompts)), key=lambda i: (gens[0].groups[i] != "planted", i))[:max_prompts]
+    head = "<tr><th>prompt</th>" + "".join(f"<th>{html.escape(n)}</th><th>nearest train</th>" for n in names) + "</tr>"
+    rows = []
+    for i in order:
+        cells = [f"<td><code>{html.escape(gens[0].prompts[i])}</code><br>{html.escape(gens[0].groups[i])}</td>"]
+        for gen, a in zip(gens, audits):
+            nn_i = a["nearest_train_index"][i][0] if a["nearest_train_index"] else None
+            cells.append(f'<td><img width="96" style="image-rendering:pixelated" src="{png_data_uri(gen.images[i, 0])}"><br>'
+                         f'score {a["per_prompt"][i]["score"]:.4f}</td>')
+            cells.append(f'<td><img width="96" style="image-rendering:pixelated" src="{png_data_uri(real.train[nn_i])}"></td>'
+                         if real is not None else "<td>–</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render_comparison_html(title: str, names: list[str], audits: list[dict], gens: list[Generations],
+                           real: RealImages, notes: list[str] = (), extra_html: str = "") -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    parts += ["<h2>Numbers</h2>", comparison_table(names, audits), "<h2>Distributions</h2>",
+              distribution_plot(names, audits), extra_html, "<h2>Side by side (same prompt, same seed)</h2>",
+              side_by_side_grid(names, gens, real, audits), "</body></html>"]
+    return "".join(parts)
+
+
+def write_comparison(out_dir: str, comparison: Comparison) -> tuple[str, str]:
+    """OUT/summary.json (every audit by name, plus the comparison's own keys) and OUT/report.html;
+    a guidance sweep (audits carrying "guidance") also gets its numbers plotted against w."""
+    c = comparison
+    json_path, html_path = os.path.join(out_dir, "summary.json"), os.path.join(out_dir, "report.html")
+    write_json(json_path, {"runs": dict(zip(c.names, c.audits)), **c.summary})
+    sweep = c.real is not None and all("guidance" in a for a in c.audits)
+    extra_html = "<h2>Against guidance</h2>" + guidance_plot_html(c.audits) if sweep else ""
+    write_text(html_path, render_comparison_html(c.title, c.names, c.audits, c.generations, c.real, list(c.notes),
+                                                 extra_html))
+    return html_path, json_path
