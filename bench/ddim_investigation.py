@@ -31,11 +31,12 @@ import torch
 from data_pipeline.atomic_files import atomic_path, write_json
 from data_pipeline.images import to_model_range, to_uint8
 from engine.audit.noise_generations import NOISY_SNR, coherence, noise_share, noise_threshold
+from engine.audit.planted_truth import prompt_groups
 from engine.audit.run_data import read_manifest, split_images, split_prompts
-from engine.audit.scan import prompt_groups
 from engine.audit.similarity import pearson_normalize
 from engine.diffusion.guidance import null_tokens_like, predict_cond_uncond
-from engine.diffusion.sampling import sample, seeded_noise, step_coefficients
+from engine.diffusion.sampling import sample, step_coefficients
+from engine.diffusion.seeds import seeded_noise
 from engine.model.export import load_model
 from kernels.guided_step import guided_step
 
