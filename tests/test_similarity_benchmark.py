@@ -1,6 +1,6 @@
 """The similarity benchmark against known answers: an oracle model that reproduces a chosen image
-exactly for each prompt (so which generation copies what is known), brute-force nearest neighbours
-and hand-counted copy decisions."""
+exactly for each prompt (tests/oracle_model.py: which generation copies what is known), brute-force
+nearest neighbours and hand-counted copy decisions."""
 import json
 from types import SimpleNamespace
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle_model import oracle_loaded
 
 from data_pipeline.vocab import Vocabulary
 from engine.audit.run_data import TrainingImages
@@ -20,7 +21,6 @@ from engine.audit.similarity_benchmark import (
     run_benchmark,
     ssim_metric,
 )
-from engine.diffusion.schedule import DiffusionConfig, NoiseSchedule
 
 TOKENS = ("plant000", "plant001", "ctrl000", "ctrl001")
 VOCAB = Vocabulary.default(extra_tokens=TOKENS)
@@ -32,30 +32,6 @@ def smooth(n: int, seed: int) -> np.ndarray:
     x = F.avg_pool2d(torch.randn(n, 1, 20, 20, generator=g), 5, stride=1)
     x = (x - x.amin((2, 3), keepdim=True)) / (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True))
     return (x[:, 0] * 255).round().to(torch.uint8).numpy()
-
-
-class OracleModel(torch.nn.Module):
-    """Predicts the noise that makes x0 exactly `target[token]` (in [-1, 1]); the null prompt gets 0.
-    With w = 1 and deterministic DDIM the generation is exactly the target image."""
-
-    def __init__(self, targets: dict[int, np.ndarray], schedule: NoiseSchedule):
-        super().__init__()
-        self.cfg = SimpleNamespace(in_channels=1, image_size=16)
-        self.schedule = schedule
-        self.targets = {k: torch.from_numpy(v).float().div(127.5).sub(1) for k, v in targets.items()}
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def encode(self, tokens):
-        return tokens.float(), tokens != 0
-
-    def denoise(self, x, t, context, mask):
-        x0 = torch.zeros_like(x)
-        for i, row in enumerate(context.long()):
-            for tok, img in self.targets.items():
-                if tok in row.tolist():
-                    x0[i, 0] = img
-        a, s = self.schedule.sqrt_ab(t).view(-1, 1, 1, 1), self.schedule.sqrt_1mab(t).view(-1, 1, 1, 1)
-        return (x - a * x0) / s
 
 
 @pytest.fixture
@@ -76,12 +52,10 @@ def setup(tmp_path):
                   for i, f, t in ((7, "cardiomegaly", "ctrl000"), (8, "pneumonia", "ctrl000"),
                                   (9, "atelectasis", "ctrl001"), (10, "pneumothorax", "ctrl001"))])
     (tmp_path / "splits.json").write_text(json.dumps({"data": {}, "splits": {"train": records}}))
-    schedule = NoiseSchedule("linear", 100)
     ids = {t: next(i for i in VOCAB.encode(f"{BASE} | {t}") if i not in VOCAB.encode(BASE)) for t in TOKENS}
     # plant000 -> its source exactly; plant001 -> one of the source's near copies; controls -> held-out images
-    model = OracleModel({ids["plant000"]: train_images[3], ids["plant001"]: train_images[12],
-                         ids["ctrl000"]: heldout[0], ids["ctrl001"]: heldout[1]}, schedule)
-    loaded = SimpleNamespace(model=model, schedule=schedule, vocab=VOCAB, diffusion_config=DiffusionConfig(num_timesteps=100))
+    loaded = oracle_loaded({ids["plant000"]: train_images[3], ids["plant001"]: train_images[12],
+                            ids["ctrl000"]: heldout[0], ids["ctrl001"]: heldout[1]}, VOCAB)
     train = TrainingImages(train_images, ["p"] * 14, paths)
     return SimpleNamespace(run=str(tmp_path), loaded=loaded, train=train, validation=validation, heldout=heldout,
                            manifest=manifest)

@@ -3,7 +3,10 @@
     <out>/loss_curves.png   both runs' loss curves overlaid (raw faint, smoothed solid)
     <out>/samples.png       the same prompts and seeds from both runs: a CFG run at several guidance
                             weights, a run trained without the null prompt at w = 1
-    <out>/index.html        the two images, each run's key settings and final loss
+    <out>/quantified.json   with `quantify`: label conformance, Fréchet distance, memorization and
+                            detection per run and guidance weight, with intervals and paired
+                            differences (engine.audit.conditioning_study)
+    <out>/index.html        the two images, each run's key settings and final loss, and the numbers
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from data_pipeline.atomic_files import write_text
+from data_pipeline.atomic_files import write_json, write_text
 from data_pipeline.images import to_uint8
+from engine.audit.conditioning_study import StudyOptions, quantify_runs
+from engine.audit.run_data import read_manifest, run_real_images, split_prompts
 from engine.diffusion.generate import generate
 from engine.model.export import load_model
 from engine.reports.image_grid import panels_figure, save_figure
@@ -40,11 +45,70 @@ def _default_prompts(runs: Sequence[Path]) -> tuple[list[str], list[int]]:
     raise FileNotFoundError(f"none of {', '.join(map(str, runs))} has sample_prompts.json: pass prompts explicitly")
 
 
+def _ci(d: dict | None, key: str, pct: bool) -> str:
+    if not d or d.get(key) is None or d["ci95"][0] is None:
+        return "–"
+    f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.3f}")
+    return f"{f(d[key])} [{f(d['ci95'][0])}–{f(d['ci95'][1])}]"
+
+
+def _diff(d: dict | None, pct: bool) -> str:
+    if not d:
+        return "–"
+    f = (lambda x: f"{100 * x:+.0f} pts") if pct else (lambda x: f"{x:+.3f}")
+    return f"{f(d['difference'])} [{f(d['ci95'][0])}, {f(d['ci95'][1])}]"
+
+
+def quantified_table(q: dict) -> str:
+    """One row per (run, w): quality, memorization and detection with intervals; paired differences."""
+    fd_names = list(q["results"][0]["frechet"])
+    head = ("<tr><th>run</th><th>w</th><th>label macro AUC</th>" + "".join(f"<th>FD {html.escape(n)}</th>"
+            for n in fd_names) + "<th>nearest is planted (null)</th><th>copy rate planted / control / ordinary</th>"
+            "<th>Wen AUC planted vs control</th></tr>")
+    rows = []
+    for r in q["results"]:
+        fd = "".join(f"<td>{_ci(r['frechet'][n], 'value', False)} (real {r['frechet'][n]['real_train_vs_heldout']:.3f})"
+                     f"</td>" for n in fd_names)
+        nip = r.get("planted_nearest_is_planted")
+        nip_txt = (f"{_ci(nip, 'mean', True)} ({100 * nip['null_rate']:.1f}%)" if nip and nip.get("null_rate")
+                   is not None else _ci(nip, "mean", True))
+        cr = r.get("copy_rate") or {}
+        copy_txt = " / ".join(_ci(cr.get(g), "mean", True) for g in ("planted", "control", "ordinary")) if cr else "–"
+        det = r.get("detection") or {}
+        det_txt = _ci(det, "auc", False) if "auc" in det else html.escape(det.get("not_applicable", "–"))
+        lc = r.get("label_conformance")
+        rows.append(f"<tr><td>{html.escape(r['run'])}</td><td>{r['guidance']:g}</td><td>{_ci(lc, 'value', False)}</td>"
+                    f"{fd}<td>{nip_txt}</td><td>{copy_txt}</td><td>{det_txt}</td></tr>")
+    paired = []
+    for r in q["results"]:
+        d = r.get("paired_vs_reference")
+        if d:
+            paired.append(f"<tr><td>{html.escape(r['run'])} w = {r['guidance']:g}</td>"
+                          f"<td>{_diff(d.get('label_conformance_macro_auc'), False)}</td>"
+                          f"<td>{_diff(d.get('planted_nearest_is_planted'), True)}</td>"
+                          f"<td>{_diff(d.get('copy_rate_all'), True)}</td></tr>")
+    ref = next((r["paired_vs_reference"]["reference"] for r in q["results"] if r.get("paired_vs_reference")), None)
+    real = q["results"][0].get("label_conformance", {}) or {}
+    real_auc = (real.get("real_heldout") or {}).get("macro_auc")
+    o = q["options"]
+    return (f"<p>{len(q['prompts'])} prompts ({', '.join(f'{v} {k}' for k, v in q['results'][0]['groups'].items())}) x "
+            f"{o['generations']} generations, DDIM {o['steps']} steps, seeds {o['base_seed']} + prompt index. "
+            f"Label conformance on real held-out images: "
+            f"{'–' if real_auc is None else f'{real_auc:.3f}'}. Intervals: 95%, prompts resampled (FD and label AUC "
+            f"by bootstrap, rates by prompt-clustered bootstrap), Wen AUC by DeLong.</p>"
+            f"<table>{head}{''.join(rows)}</table>"
+            + (f"<h3>Paired differences against {html.escape(ref)} (same prompts and seeds)</h3><table><tr><th>run</th>"
+               f"<th>label macro AUC</th><th>nearest is planted</th><th>copy rate (all prompts)</th></tr>"
+               f"{''.join(paired)}</table>" if paired else ""))
+
+
 def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir: str | os.PathLike, *,
                  guidance: Sequence[float] = (1.0, 3.0, 7.5), prompts: Sequence[str] | None = None,
                  seeds: Sequence[int] | None = None, steps: int = 50, sampler: str = "ddim",
-                 device: str = "cpu") -> Path:
-    """Write the comparison page; returns the path of index.html."""
+                 device: str = "cpu", quantify: StudyOptions | None = None, copy_detector=None,
+                 label_classifier=None, log=lambda s: None) -> Path:
+    """Write the comparison page; returns the path of index.html. With `quantify`, both runs are also
+    measured on the same prompts and seeds (RUN_A's ground truth and real images)."""
     runs = [Path(run_a), Path(run_b)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,17 +121,28 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir: st
     default_prompts, default_seeds = _default_prompts(runs) if prompts is None or seeds is None else ([], [])
     prompts = list(prompts) if prompts is not None else default_prompts
     seeds = list(seeds) if seeds is not None else default_seeds
-    panels = []
+    panels, loaded_runs, run_weights = [], [], []
     for run, label, info in zip(runs, labels, infos):
         loaded = load_model(run, device)
         tokens = loaded.vocab.encode_batch(prompts)
         p_uncond = info["p_uncond"] if info["p_uncond"] is not None else loaded.metadata.get("p_uncond")
         weights = list(guidance) if (p_uncond or 0) > 0 else [1.0]
+        loaded.metadata.setdefault("p_uncond", p_uncond)
+        loaded_runs.append(loaded)
+        run_weights.append(weights)
         for w in weights:
             images = generate(loaded.model, loaded.schedule, tokens, seeds, guidance=w, steps=steps, sampler=sampler,
                               parameterization=loaded.diffusion_config.parameterization, device=device)
             panels.append((f"{label}\nw = {w:g}", to_uint8(images)))
     save_figure(panels_figure(panels, prompts, title="same prompts (rows) and seeds (columns)"), out / "samples.png")
+
+    numbers_html = ""
+    if quantify is not None:
+        q = quantify_runs(loaded_runs, labels, run_weights, run_real_images(str(run_a), "val", progress=False),
+                          read_manifest(str(run_a)), split_prompts(str(run_a), "train"), copy_detector=copy_detector,
+                          label_classifier=label_classifier, opts=quantify, log=log)
+        write_json(out / "quantified.json", q)
+        numbers_html = f"<h2>Label adherence, quality and memorization</h2>{quantified_table(q)}"
 
     def loss_text(info: dict) -> str:
         return "" if info["final_loss"] is None else f"{info['final_loss']:.4f}"
@@ -88,6 +163,7 @@ img{{max-width:100%}}</style></head><body>
 steps. Runs trained with the null prompt (p_uncond &gt; 0) are shown at several guidance weights w; a run trained
 without it only at w = 1 (its unconditional branch was never trained).</p>
 <img src="samples.png" alt="sample grids">
+{numbers_html}
 </body></html>
 """
     return write_text(out / "index.html", page)
