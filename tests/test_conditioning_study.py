@@ -101,4 +101,4 @@ def test_quantify_runs_known_answers(study):
     feats = pixel_features(images.reshape(-1, 16, 16))
     held = pixel_features(study["real"].heldout)
     assert cfg["frechet"]["pixels_8x8"]["value"] == pytest.approx(frechet_distance_features(feats, held), rel=1e-6)
-    assert scores.shape == (5,) and np.all(np.isfinite(scores))
+    assert scores.shape == (5, 2, 3) and np.all(np.isfinite(scores))

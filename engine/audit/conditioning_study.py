@@ -73,8 +73,8 @@ def study_prompts(train_prompts: list[str], manifest: dict | None, opts: StudyOp
 @torch.no_grad()
 def generate_with_scores(loaded, prompts: list[str], guidance: float, opts: StudyOptions, with_score: bool
                          ) -> tuple[np.ndarray, np.ndarray | None]:
-    """uint8 [P, G, S, S] generations (scan seed convention, DDIM) and Wen's mean score per prompt [P]
-    (None when `with_score` is False: the model has no trained null branch)."""
+    """uint8 [P, G, S, S] generations (scan seed convention, DDIM) and Wen's per-step magnitudes (RMS)
+    [P, G, steps] (None when `with_score` is False: the model has no trained null branch)."""
     cfg = loaded.unet_config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     tokens = loaded.vocab.encode_batch(prompts)
@@ -89,7 +89,7 @@ def generate_with_scores(loaded, prompts: list[str], guidance: float, opts: Stud
                      parameterization=loaded.diffusion_config.parameterization, record_norms=with_score)
         images.append(to_uint8(out.images).reshape(-1, opts.generations, *shape[1:]))
         if with_score:
-            scores.append(out.norms_rms.T.reshape(-1, opts.generations, out.norms_rms.shape[0]).mean((1, 2)))
+            scores.append(out.norms_rms.T.reshape(-1, opts.generations, out.norms_rms.shape[0]))
     return np.concatenate(images), (torch.cat(scores).numpy().astype(np.float64) if with_score else None)
 
 
@@ -119,9 +119,12 @@ class Reference:
             self.real_conformance = label_classifier.conformance(real.heldout, real.heldout_prompts)
 
 
-def measure(images: np.ndarray, prompts: list[str], groups: list[str], scores: np.ndarray | None, ref: Reference,
+def measure(images: np.ndarray, prompts: list[str], groups: list[str], norms: np.ndarray | None, ref: Reference,
             opts: StudyOptions) -> tuple[dict, dict]:
-    """Numbers of one (run, w) and the per-prompt arrays the paired differences need."""
+    """Numbers of one condition (a run at a weight, or a mitigation) from its generations and Wen's
+    per-step magnitudes [P, G, S] (None: not applicable); and the per-prompt arrays the paired
+    differences need."""
+    scores = None if norms is None else np.asarray(norms, np.float64).mean(axis=(1, 2))
     p, g = images.shape[:2]
     flat = images.reshape(p * g, *images.shape[2:])
     clusters = np.repeat(np.arange(p), g)
@@ -181,6 +184,8 @@ def measure(images: np.ndarray, prompts: list[str], groups: list[str], scores: n
             det.update(auc=roc_metrics(pos, neg).auc, ci95=[None, None], n_positive=len(pos), n_negative=len(neg),
                        note="fewer than 2 planted or control prompts: no interval")
         out["detection"] = det
+        both = np.isin(groups_arr, ["planted", "control"])
+        per_prompt["detection_rows"] = np.c_[scores[both], groups_arr[both] == "planted"].astype(np.float64)
     return out, per_prompt
 
 
@@ -190,12 +195,50 @@ def paired_to_reference(per: dict, ref_per: dict, n_boot: int) -> dict:
     for key, name in (("planted_hits", "planted_nearest_is_planted"), ("copies", "copy_rate_all")):
         if key in per and key in ref_per:
             out[name] = paired_difference(ref_per[key], per[key], n_boot=n_boot)
+    if "detection_rows" in per and "detection_rows" in ref_per:
+        def auc(x: np.ndarray) -> float:   # a resample may hold no planted (or no control) prompt
+            pos, neg = x[x[:, 1] == 1, 0], x[x[:, 1] == 0, 0]
+            return roc_metrics(pos, neg).auc if len(pos) and len(neg) else float("nan")
+        out["wen_auc_planted_vs_control"] = paired_difference(ref_per["detection_rows"], per["detection_rows"],
+                                                              statistic=auc, n_boot=n_boot)
     if "label_rows" in per and "label_rows" in ref_per:
         # a row is one prompt: its G generations' classifier scores and prompt targets, side by side
         macro = per["label_macro"]
         out["label_conformance_macro_auc"] = paired_difference(ref_per["label_rows"], per["label_rows"],
                                                                statistic=macro, n_boot=min(n_boot, 300))
     return out
+
+
+@dataclass
+class Condition:
+    """One set of generations of the study's prompts and seeds: a run at a weight, or a mitigation."""
+    name: str
+    images: np.ndarray                    # uint8 [P, G, S, S]
+    norms: np.ndarray | None              # Wen's per-step magnitudes [P, G, S]; None: no null branch
+    reference: str | None = None          # paired differences against this condition's name
+    info: dict | None = None              # anything to report beside the numbers
+
+
+NO_NULL_BRANCH = "trained without the null prompt (p_uncond = 0): Wen's score needs the unconditional branch"
+
+
+def measure_conditions(conditions: list[Condition], prompts: list[str], groups: list[str], ref: Reference,
+                       opts: StudyOptions, log=lambda s: None) -> list[dict]:
+    """Numbers of every condition, each with its paired differences against its reference."""
+    results, per_of = [], {}
+    for c in conditions:
+        log(f"measuring {c.name}")
+        numbers, per_of[c.name] = measure(c.images, prompts, groups, c.norms, ref, opts)
+        numbers.update({"name": c.name, **(c.info or {})})
+        if c.norms is None:
+            numbers["detection"] = {"not_applicable": NO_NULL_BRANCH}
+        if c.reference is not None:
+            if c.reference not in per_of:
+                raise ValueError(f"condition {c.name!r}: its reference {c.reference!r} must be measured before it")
+            numbers["paired_vs_reference"] = {"reference": c.reference,
+                                              **paired_to_reference(per_of[c.name], per_of[c.reference], opts.n_boot)}
+        results.append(numbers)
+    return results
 
 
 def quantify_runs(runs: list, names: list[str], weights: list[list[float]], real: RealImages, manifest: dict | None,
@@ -206,22 +249,15 @@ def quantify_runs(runs: list, names: list[str], weights: list[list[float]], real
     of the paired differences."""
     prompts, groups = study_prompts(train_prompts, manifest, opts)
     ref = Reference(real, manifest, copy_detector, label_classifier)
-    results, ref_per = [], None
+    conditions = []
     for loaded, name, ws in zip(runs, names, weights):
         null_branch = (loaded.metadata.get("p_uncond") or 0) > 0
         for w in ws:
             log(f"{name} w = {w:g}: generating {len(prompts)} prompts x {opts.generations}")
-            images, scores = generate_with_scores(loaded, prompts, w, opts, with_score=null_branch)
-            numbers, per = measure(images, prompts, groups, scores, ref, opts)
-            numbers.update({"run": name, "guidance": w, "trained_with_null_prompt": null_branch})
-            if not null_branch:
-                numbers["detection"] = {"not_applicable": "trained without the null prompt (p_uncond = 0): "
-                                                          "Wen's score needs the unconditional branch"}
-            if ref_per is None:
-                ref_per, ref_name = per, f"{name} w = {w:g}"
-            else:
-                numbers["paired_vs_reference"] = {"reference": ref_name,
-                                                  **paired_to_reference(per, ref_per, opts.n_boot)}
-            results.append(numbers)
+            images, norms = generate_with_scores(loaded, prompts, w, opts, with_score=null_branch)
+            conditions.append(Condition(f"{name} w = {w:g}", images, norms,
+                                        reference=conditions[0].name if conditions else None,
+                                        info={"run": name, "guidance": w, "trained_with_null_prompt": null_branch}))
+    results = measure_conditions(conditions, prompts, groups, ref, opts, log)
     return {"options": asdict(opts), "prompts": prompts, "groups": groups, "results": results,
             "n_train_images": int(len(real.train)), "n_heldout_images": int(len(real.heldout))}

@@ -22,6 +22,7 @@ from engine.audit.conditioning_study import StudyOptions, quantify_runs
 from engine.audit.run_data import read_manifest, run_real_images, split_prompts
 from engine.diffusion.generate import generate
 from engine.model.export import load_model
+from engine.reports.conditions_table import conditions_table
 from engine.reports.image_grid import panels_figure, save_figure
 from engine.training.run_logger import plot_loss_curves, read_metrics
 
@@ -43,63 +44,6 @@ def _default_prompts(runs: Sequence[Path]) -> tuple[list[str], list[int]]:
             d = json.loads(path.read_text())
             return d["prompts"], d["seeds"]
     raise FileNotFoundError(f"none of {', '.join(map(str, runs))} has sample_prompts.json: pass prompts explicitly")
-
-
-def _ci(d: dict | None, key: str, pct: bool) -> str:
-    if not d or d.get(key) is None or d["ci95"][0] is None:
-        return "–"
-    f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.3f}")
-    return f"{f(d[key])} [{f(d['ci95'][0])}–{f(d['ci95'][1])}]"
-
-
-def _diff(d: dict | None, pct: bool) -> str:
-    if not d:
-        return "–"
-    f = (lambda x: f"{100 * x:+.0f} pts") if pct else (lambda x: f"{x:+.3f}")
-    return f"{f(d['difference'])} [{f(d['ci95'][0])}, {f(d['ci95'][1])}]"
-
-
-def quantified_table(q: dict) -> str:
-    """One row per (run, w): quality, memorization and detection with intervals; paired differences."""
-    fd_names = list(q["results"][0]["frechet"])
-    head = ("<tr><th>run</th><th>w</th><th>label macro AUC</th>" + "".join(f"<th>FD {html.escape(n)}</th>"
-            for n in fd_names) + "<th>nearest is planted (null)</th><th>copy rate planted / control / ordinary</th>"
-            "<th>Wen AUC planted vs control</th></tr>")
-    rows = []
-    for r in q["results"]:
-        fd = "".join(f"<td>{_ci(r['frechet'][n], 'value', False)} (real {r['frechet'][n]['real_train_vs_heldout']:.3f})"
-                     f"</td>" for n in fd_names)
-        nip = r.get("planted_nearest_is_planted")
-        nip_txt = (f"{_ci(nip, 'mean', True)} ({100 * nip['null_rate']:.1f}%)" if nip and nip.get("null_rate")
-                   is not None else _ci(nip, "mean", True))
-        cr = r.get("copy_rate") or {}
-        copy_txt = " / ".join(_ci(cr.get(g), "mean", True) for g in ("planted", "control", "ordinary")) if cr else "–"
-        det = r.get("detection") or {}
-        det_txt = _ci(det, "auc", False) if "auc" in det else html.escape(det.get("not_applicable", "–"))
-        lc = r.get("label_conformance")
-        rows.append(f"<tr><td>{html.escape(r['run'])}</td><td>{r['guidance']:g}</td><td>{_ci(lc, 'value', False)}</td>"
-                    f"{fd}<td>{nip_txt}</td><td>{copy_txt}</td><td>{det_txt}</td></tr>")
-    paired = []
-    for r in q["results"]:
-        d = r.get("paired_vs_reference")
-        if d:
-            paired.append(f"<tr><td>{html.escape(r['run'])} w = {r['guidance']:g}</td>"
-                          f"<td>{_diff(d.get('label_conformance_macro_auc'), False)}</td>"
-                          f"<td>{_diff(d.get('planted_nearest_is_planted'), True)}</td>"
-                          f"<td>{_diff(d.get('copy_rate_all'), True)}</td></tr>")
-    ref = next((r["paired_vs_reference"]["reference"] for r in q["results"] if r.get("paired_vs_reference")), None)
-    real = q["results"][0].get("label_conformance", {}) or {}
-    real_auc = (real.get("real_heldout") or {}).get("macro_auc")
-    o = q["options"]
-    return (f"<p>{len(q['prompts'])} prompts ({', '.join(f'{v} {k}' for k, v in q['results'][0]['groups'].items())}) x "
-            f"{o['generations']} generations, DDIM {o['steps']} steps, seeds {o['base_seed']} + prompt index. "
-            f"Label conformance on real held-out images: "
-            f"{'–' if real_auc is None else f'{real_auc:.3f}'}. Intervals: 95%, prompts resampled (FD and label AUC "
-            f"by bootstrap, rates by prompt-clustered bootstrap), Wen AUC by DeLong.</p>"
-            f"<table>{head}{''.join(rows)}</table>"
-            + (f"<h3>Paired differences against {html.escape(ref)} (same prompts and seeds)</h3><table><tr><th>run</th>"
-               f"<th>label macro AUC</th><th>nearest is planted</th><th>copy rate (all prompts)</th></tr>"
-               f"{''.join(paired)}</table>" if paired else ""))
 
 
 def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -142,7 +86,7 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, out_dir: st
                           read_manifest(str(run_a)), split_prompts(str(run_a), "train"), copy_detector=copy_detector,
                           label_classifier=label_classifier, opts=quantify, log=log)
         write_json(out / "quantified.json", q)
-        numbers_html = f"<h2>Label adherence, quality and memorization</h2>{quantified_table(q)}"
+        numbers_html = f"<h2>Label adherence, quality and memorization</h2>{conditions_table(q)}"
 
     def loss_text(info: dict) -> str:
         return "" if info["final_loss"] is None else f"{info['final_loss']:.4f}"
