@@ -177,3 +177,19 @@ def test_cluster_bootstrap_statistic_matches_the_normal_interval_for_a_mean():
     assert out["n_clusters"] == 100 and out["n_items"] == 2000
     width = out["ci95"][1] - out["ci95"][0]
     assert width == pytest.approx(2 * 1.96 * v[::20].std(ddof=1) / 10, rel=0.2)
+
+
+def test_deepssim_neighbours_in_validation_are_the_brute_force_top_scores(tmp_path):
+    from engine.audit.copy_detection import build_embedder
+    from engine.audit.deepssim import DeepSSIM
+    from engine.audit.run_data import TrainingImages
+    from engine.audit.validation import ValidationOptions, neighbors_by_metric
+    torch.manual_seed(0)
+    ds = DeepSSIM(build_embedder("tiny", 16), DeepSSIMConfig(backbone="tiny", embed_dim=16))
+    train = TrainingImages(smooth_images(12, seed=3), ["p"] * 12, [f"i{k}" for k in range(12)])
+    gen = smooth_images(4, seed=4)
+    found = neighbors_by_metric(gen, train, ValidationOptions(neighbors=3, cache_dir=str(tmp_path)), None, None, ds)
+    v, i = found["neighbors"]["deepssim"]
+    scores = ds.embed(gen) @ ds.embed(train.images).T
+    assert np.allclose(v.numpy(), np.sort(scores, 1)[:, ::-1][:, :3], atol=1e-5)
+    assert (i[:, 0].numpy() == scores.argmax(1)).all()
