@@ -49,6 +49,10 @@ def test_variant_overrides(config, tmp_path):
     assert "training.steps=2" in v["baseline (DP budget)"] and "training.steps=2" not in v["screening"]
     assert json.loads(v["screening"][-1].split("=", 1)[1])["tau"] == 0.02
     assert "screening" not in variant_overrides(spec, tau=None)
+    only_dp = MitigationStudySpec(config=str(config), out_dir=str(tmp_path), variants=("dp",), dp_epsilons=(10.0,))
+    assert list(variant_overrides(only_dp, tau=0.02)) == ["baseline", "DP eps=10"]
+    with pytest.raises(ValueError, match="unknown"):
+        variant_overrides(MitigationStudySpec(config=str(config), out_dir=str(tmp_path), variants=("dpx",)), None)
 
 
 def test_study_end_to_end_and_resumable(config, tmp_path):

@@ -57,6 +57,7 @@ class MitigationStudySpec:
     dp_delta: float = 1e-5
     dp_overrides: tuple[str, ...] = ()            # e.g. training.steps=300 so that DP fits a CPU budget
     screening_quantile: float = 0.9
+    variants: tuple[str, ...] = ("augmentation", "screening", "dp")   # retrained besides the baseline
     embedding_optimisation: bool = True
     detector_backbone: str = "tiny"
     detector_epochs: int = 15
@@ -74,12 +75,16 @@ def variant_overrides(spec: MitigationStudySpec, tau: float | None) -> dict[str,
     base = list(spec.overrides)
     run = lambda name: f"output_dir={os.path.join(spec.out_dir, 'runs', name)}"   # noqa: E731
     batch = load_config(spec.config, base).deepspeed.train_micro_batch_size_per_gpu
-    out = {"baseline": base + [run("baseline")],
-           "augmentation": base + [run("augmentation"), "augment=" + json.dumps(AUGMENTATION)]}
-    if tau is not None:
+    unknown = set(spec.variants) - {"augmentation", "screening", "dp"}
+    if unknown:
+        raise ValueError(f"study variants: unknown {sorted(unknown)} (known: augmentation, screening, dp)")
+    out = {"baseline": base + [run("baseline")]}
+    if "augmentation" in spec.variants:
+        out["augmentation"] = base + [run("augmentation"), "augment=" + json.dumps(AUGMENTATION)]
+    if tau is not None and "screening" in spec.variants:
         out["screening"] = base + [run("screening"),
                                    "screening=" + json.dumps({"enabled": True, "tau": tau, "units": "rms"})]
-    if spec.dp_epsilons:
+    if spec.dp_epsilons and "dp" in spec.variants:
         if spec.dp_overrides:
             out["baseline (DP budget)"] = base + list(spec.dp_overrides) + [run("baseline_dp_budget")]
         for eps in spec.dp_epsilons:
@@ -172,7 +177,7 @@ def run_study(spec: MitigationStudySpec, log=print) -> dict:
     os.makedirs(spec.out_dir, exist_ok=True)
     trained = {"baseline": train_variant(spec.config, variant_overrides(spec, None)["baseline"], log)}
     baseline = trained["baseline"]["run"]
-    screening = _screening_tau(spec, baseline) if spec.screening_quantile else None
+    screening = _screening_tau(spec, baseline) if spec.screening_quantile and "screening" in spec.variants else None
     variants = variant_overrides(spec, screening["tau_rms"] if screening else None)
     for name, overrides in variants.items():
         if name not in trained:
