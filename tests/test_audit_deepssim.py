@@ -193,3 +193,20 @@ def test_deepssim_neighbours_in_validation_are_the_brute_force_top_scores(tmp_pa
     scores = ds.embed(gen) @ ds.embed(train.images).T
     assert np.allclose(v.numpy(), np.sort(scores, 1)[:, ::-1][:, :3], atol=1e-5)
     assert (i[:, 0].numpy() == scores.argmax(1)).all()
+
+
+def test_deepssim_copy_rule_in_the_before_after_audit():
+    from engine.audit.copy_detection import build_embedder
+    from engine.audit.deepssim import DeepSSIM
+    from engine.audit.generation_audit import Generations, deepssim_copying
+    from engine.audit.run_data import RealImages
+    torch.manual_seed(0)
+    ds = DeepSSIM(build_embedder("tiny", 16), DeepSSIMConfig(backbone="tiny", embed_dim=16))
+    train = smooth_images(10, seed=5)
+    images = np.stack([train[:3], smooth_images(3, seed=6)])          # prompt 0 copies, prompt 1 does not
+    gen = Generations(["a", "b"], ["planted", "control"], [0, 1], np.zeros((2, 3, 1)), images)
+    out = deepssim_copying(gen, images.reshape(6, 16, 16), RealImages(train, ["p"] * 10, train[:2]), ds, {})
+    best = (ds.embed(images.reshape(6, 16, 16)) @ ds.embed(train).T).max(1)
+    assert out["copy_fraction"] == pytest.approx(float((best > 0.85).mean()))
+    assert out["copy_fraction_planted"] == pytest.approx(float((best[:3] > 0.85).mean())) == 1.0   # exact copies
+    assert out["copy_fraction_control"] == pytest.approx(float((best[3:] > 0.85).mean()))
