@@ -220,8 +220,20 @@ def quality_numbers(gen: Generations, real: RealImages, flat: np.ndarray, space:
     return quality
 
 
+def deepssim_copying(gen: Generations, flat: np.ndarray, real: RealImages, deepssim, cache: dict) -> dict:
+    """DeepSSIM's copy rule: a generation copies its nearest training image when their score is a
+    Duplicate (> 0.85); the copy fraction per prompt group."""
+    if "deepssim_train" not in cache:
+        cache["deepssim_train"] = torch.from_numpy(deepssim.embed(real.train))
+    best, _ = topk_neighbors(torch.from_numpy(deepssim.embed(flat)), cache["deepssim_train"], k=1)
+    copies = best[:, 0].numpy() > deepssim.threshold
+    groups = np.repeat(np.array(gen.groups), gen.images.shape[1])
+    return {"threshold": deepssim.threshold, "copy_fraction": float(copies.mean()),
+            **{f"copy_fraction_{name}": float(copies[groups == name].mean()) for name in GROUPS if (groups == name).any()}}
+
+
 def audit_generations(gen: Generations, real: RealImages | None, *, manifest: dict | None = None,
-                      copy_detector: CopyDetector | None = None, clip=None, label_classifier=None,
+                      copy_detector: CopyDetector | None = None, clip=None, label_classifier=None, deepssim=None,
                       threshold: float | None = None,
                       target_fpr: float = 0.01, train_cache: dict | None = None,
                       threshold_from: str = "given") -> dict:
@@ -240,6 +252,8 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
     space, gen_emb, train_emb, copy_threshold = copy_space(flat, real, copy_detector, cache)
     out["copying"], nearest_idx = copying_numbers(gen, real, space, gen_emb, train_emb, copy_threshold, manifest,
                                                   cache)
+    if deepssim is not None:
+        out["copying"]["deepssim"] = deepssim_copying(gen, flat, real, deepssim, cache)
     out["quality"] = quality_numbers(gen, real, flat, space, gen_emb, copy_detector=copy_detector, clip=clip,
                                      label_classifier=label_classifier, cache=cache)
     out["nearest_train_index"] = nearest_idx.reshape(p, g).tolist()

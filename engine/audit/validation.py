@@ -20,6 +20,7 @@ from tqdm import tqdm
 from data_pipeline.images import to_model_range, to_uint8
 from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
 from engine.audit.copy_detection import CopyDetector, copy_statistics, load_copy_detector
+from engine.audit.deepssim import load_deepssim
 from engine.audit.detectors.nearest_training import TrainingNeighbours
 from engine.audit.exposure import exposed_training_images, patient_ids, pixel_copy_threshold
 from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
@@ -110,7 +111,7 @@ def bootstrap_spearman(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> 
 
 
 def neighbors_by_metric(generated_u8: np.ndarray, train: TrainingImages, opts: ValidationOptions,
-                        copy_detector: CopyDetector | None, clip: ClipEmbedder | None) -> dict:
+                        copy_detector: CopyDetector | None, clip: ClipEmbedder | None, deepssim=None) -> dict:
     """For each metric: (values [Q, k], indices [Q, k]) of the nearest training images, plus embeddings."""
     q, keys = to_model_range(generated_u8, False), to_model_range(train.images, False)
     k = opts.neighbors
@@ -133,6 +134,10 @@ def neighbors_by_metric(generated_u8: np.ndarray, train: TrainingImages, opts: V
         out["dar_correlation"] = topk_neighbors(pearson_normalize(torch.from_numpy(gen_emb)),
                                                 pearson_normalize(torch.from_numpy(train_emb)), k)
         embeddings["dar"] = (train_emb, gen_emb)
+    if deepssim is not None:
+        train_emb = cached_embeddings(opts.cache_dir, train.images, "deepssim:" + deepssim.weight_hash(), deepssim.embed)
+        gen_emb = deepssim.embed(generated_u8)                       # unit norm: the dot product is the score
+        out["deepssim"] = topk_neighbors(torch.from_numpy(gen_emb), torch.from_numpy(train_emb), k)
     return {"neighbors": out, "embeddings": embeddings}
 
 
@@ -157,7 +162,7 @@ def roc_curves(table: pa.Table) -> dict:
 
 def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict | None = None,
              copy_detector: CopyDetector | None = None, opts: ValidationOptions = ValidationOptions(),
-             use_clip: bool = True, progress: bool = True) -> ValidationResult:
+             use_clip: bool = True, progress: bool = True, deepssim=None) -> ValidationResult:
     if len(table) == 0:
         raise ValueError("validate: the scores table has no rows")
     size = loaded.unet_config.image_size
@@ -170,7 +175,7 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
     generated = to_uint8(images)                                  # [P, G, S, S]
     flat = generated.reshape(n_p * n_g, size, size)
     clip = ClipEmbedder(opts.clip) if use_clip else None
-    found = neighbors_by_metric(flat, train, opts, copy_detector, clip)
+    found = neighbors_by_metric(flat, train, opts, copy_detector, clip, deepssim)
 
     score = table.column("score").to_numpy()
     first = table.column("first_step_score").to_numpy()
@@ -206,6 +211,11 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
     if copy_detector is not None and copy_detector.threshold is not None:
         train_emb, gen_emb = found["embeddings"]["dar"]
         numbers["dar"] = copy_statistics(gen_emb, train_emb, copy_detector.threshold)
+    if deepssim is not None:   # DeepSSIM's copy rule: the nearest training image is a Duplicate (> 0.85)
+        best = found["neighbors"]["deepssim"][0][:, 0].numpy()
+        numbers["deepssim"] = {"threshold": deepssim.threshold, "n_generated": int(len(best)),
+                               "n_copies": int((best > deepssim.threshold).sum()),
+                               "copy_fraction": float((best > deepssim.threshold).mean())}
     if manifest:
         numbers["planted"] = planted_recovery(prompts_out, train, manifest)
     if "clip" in found["embeddings"]:
@@ -234,15 +244,16 @@ def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: d
 
 def validate_checkpoint(checkpoint: str, scores: str, *, copy_detector: str | None = None,
                         opts: ValidationOptions = ValidationOptions(), use_clip: bool = True, device: str = "cpu",
-                        force: bool = False, progress: bool = True) -> ValidationResult:
+                        force: bool = False, progress: bool = True, deepssim: str | None = None) -> ValidationResult:
     """Validate a finished scan of a training run (what tools/validate_memorization does).
 
     The scan must come from this run's model (its weight fingerprint is checked before any work), and the
     model must have a trained null condition (the scan's guided generations are made again), unless
     `force`, which the numbers then record. The copy detector is `copy_detector`, else <run>/copy_detector
-    when present; the planted manifest and the distinct training images are the run's own. A fast scan
-    (--mode fast) is validated on its confirmed prompts, the only ones with full-trajectory scores. The
-    exposed training images of the flagged prompts are added (engine.audit.exposure).
+    when present (DeepSSIM likewise: `deepssim`, else <run>/deepssim); the planted manifest and the
+    distinct training images are the run's own. A fast scan (--mode fast) is validated on its confirmed
+    prompts, the only ones with full-trajectory scores. The exposed training images of the flagged
+    prompts are added (engine.audit.exposure).
     """
     table = read_scores(scores)
     loaded = load_model(checkpoint, device=device)
@@ -253,9 +264,11 @@ def validate_checkpoint(checkpoint: str, scores: str, *, copy_detector: str | No
         table = table.filter(pa.array(table.column("confirmed").to_pylist(), pa.bool_()))
     detector_dir = copy_detector or os.path.join(checkpoint, "copy_detector")
     detector = load_copy_detector(detector_dir, device=device) if copy_detector or os.path.isdir(detector_dir) else None
+    deepssim_dir = deepssim or os.path.join(checkpoint, "deepssim")
+    ds = load_deepssim(deepssim_dir, device=device) if deepssim or os.path.isdir(deepssim_dir) else None
     train = split_images(checkpoint, "train", progress=progress)
     result = validate(loaded, table, train, manifest=read_manifest(checkpoint), copy_detector=detector, opts=opts,
-                      use_clip=use_clip, progress=progress)
+                      use_clip=use_clip, progress=progress, deepssim=ds)
     result.numbers["null_condition"] = record
     try:
         heldout = split_images(checkpoint, "val", progress=progress).images
