@@ -85,17 +85,21 @@ class Finite(click.FloatRange):
 
 
 class FiniteList(click.ParamType):
-    """Comma-separated finite numbers, each checked as Finite(...) ("7.5,5,3" -> [7.5, 5.0, 3.0])."""
+    """Comma-separated finite numbers, each checked as Finite(...) ("7.5,5,3" -> [7.5, 5.0, 3.0]);
+    with allow_empty, '' is the empty list (an option whose '' means "none of these")."""
     name = "numbers"
 
-    def __init__(self, **limits) -> None:
+    def __init__(self, allow_empty: bool = False, **limits) -> None:
         self.item = Finite(**limits)
+        self.allow_empty = allow_empty
 
     def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
         items = [v.strip() for v in str(value).split(",") if v.strip()]
         if not items:
+            if self.allow_empty:
+                return []
             self.fail("expected numbers separated by commas", param, ctx)
         return [self.item.convert(v, param, ctx) for v in items]
 

@@ -173,9 +173,11 @@ def _inference_conditions(spec: MitigationStudySpec, baseline_model, prompts: li
 def run_study(spec: MitigationStudySpec, log=print) -> dict:
     """Train every variant (resumable), audit each on the same prompts and seeds, write
     <out>/mitigation_study.json. Returns the study document."""
-    load_config(spec.config, list(spec.overrides))            # a bad config fails here, before any training
+    first = variant_overrides(spec, None)          # unknown variants fail here, before any training,
+    for overrides in first.values():                # and a bad config, --set or --dp-set key (an hour of
+        load_config(spec.config, overrides)         # baseline training must not end in a typo)
     os.makedirs(spec.out_dir, exist_ok=True)
-    trained = {"baseline": train_variant(spec.config, variant_overrides(spec, None)["baseline"], log)}
+    trained = {"baseline": train_variant(spec.config, first["baseline"], log)}
     baseline = trained["baseline"]["run"]
     screening = _screening_tau(spec, baseline) if spec.screening_quantile and "screening" in spec.variants else None
     variants = variant_overrides(spec, screening["tau_rms"] if screening else None)
