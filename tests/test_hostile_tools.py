@@ -60,7 +60,8 @@ def _blobs(n: int, size: int, seed: int) -> np.ndarray:
 def tiny_unet(vocab: Vocabulary) -> ConditionalUNet:
     torch.manual_seed(0)
     model = ConditionalUNet(UNetConfig(image_size=32, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                                       attention_resolutions=(16,), num_heads=2, vocab_size=len(vocab), max_tokens=8,
+                                       attention_resolutions=(16,), num_heads=2, vocab_size=len(vocab),
+                                       max_tokens=vocab.max_len,
                                        context_dim=8, encoder_layers=1, encoder_heads=2))
     with torch.no_grad():   # non-zero output layers: the random model's predictions depend on the prompt
         for p in model.parameters():
@@ -172,7 +173,23 @@ def _per_tool_cases(run: Path, tmp: Path) -> dict:
     """tool -> (arguments, expected error line, folder that must stay untouched or None)."""
     out = user_folder(tmp)
     parent, tail = unwritable_parent(tmp)
+    unplanted = copy_run(run, tmp / "unplanted")          # a run trained without planted duplicates
+    (unplanted / "planted_manifest.json").unlink()
+    (tmp / "not_a_detector").mkdir()
+    config = REPO / "configs" / "demo_cpu.json"
     return {
+        "benchmark_detectors": (["--checkpoint", str(unplanted), "--out", str(out), "--generations", "2"],
+                                f"error: {unplanted}: no planted_manifest.json with planted duplicates; the benchmark "
+                                f"needs planted ground truth", out),
+        "benchmark_similarity": (["--checkpoint", str(unplanted), "--out", str(out), "--no-clip"],
+                                 f"error: {unplanted}: no planted_manifest.json (the benchmark needs planted "
+                                 f"duplicates: train with data.planted)", out),
+        "study_mitigations": (["--config", str(config), "--out", str(out), "--dp-set", "training.stepz=300"],
+                              f"error: {config}: training.stepz: unknown key (expected one of: ", out),
+        "train_deepssim": (["--checkpoint", str(run), "--out", str(out), "--backbone", "tiny", "--copy-detector",
+                            str(tmp / "not_a_detector")],
+                           f"error: {tmp / 'not_a_detector' / 'copy_detector.json'}: missing (train one with "
+                           f"tools/train_copy_detector)", out),
         "scan_memorization": (["--checkpoint", str(run), "--prompts", str(run / "prompts.txt"), "--out",
                                str(out / "s.parquet"), "--guidance", "nan"],
                               "error: Invalid value for '--guidance': 'nan' is not a finite number", out),
@@ -240,12 +257,36 @@ def test_guidance_is_refused_the_same_way_by_every_tool(run_dir, tmp_path, capsy
              "token_significance": ["--checkpoint", str(run_dir), "--prompts", str(run_dir / "prompts.txt"),
                                     "--out", str(out / "t.json")],
              "compare_runs": [str(run_dir), str(run_dir), "--out", str(out)],
-             "mitigate": ["guidance", "--checkpoint", str(run_dir), "--out", str(out)]}
+             "mitigate": ["guidance", "--checkpoint", str(run_dir), "--out", str(out)],
+             "benchmark_detectors": ["--checkpoint", str(run_dir), "--out", str(out)],
+             "benchmark_similarity": ["--checkpoint", str(run_dir), "--out", str(out)],
+             "study_mitigations": ["--config", str(REPO / "configs" / "demo_cpu.json"), "--out", str(out)]}
     assert sorted(calls) == [n for n in TOOLS if '"--guidance"' in (REPO / "tools" / n).read_text()]
+    assert "sample" in calls and len(calls) >= 8
     for name, args in calls.items():
         status, err = in_process(capsys, name, *args, "--guidance", value)
         option = "'--guidance' / '-w'" if name in ("sample", "compare_runs") else "'--guidance'"
         assert (status, err) == (2, [f"error: Invalid value for {option}: {message}"]), name
+    assert_untouched(out)
+
+
+def test_number_lists_are_checked_item_by_item(tmp_path, capsys):
+    """FiniteList: every item finite and in range; '' is the empty list only where an option allows it."""
+    import click
+
+    from engine.cli import FiniteList
+    assert FiniteList(min=0).convert("7.5, 5,3", None, None) == [7.5, 5.0, 3.0]
+    assert FiniteList(allow_empty=True, min=0).convert("", None, None) == []
+    with pytest.raises(click.BadParameter, match="expected numbers separated by commas"):
+        FiniteList(min=0).convert(" , ", None, None)
+    out = user_folder(tmp_path)
+    config = REPO / "configs" / "demo_cpu.json"
+    for option, value, message in [("--epsilons", "10,0", "0.0 is not in the range x>0."),
+                                   ("--epsilons", "10,inf", "'inf' is not a finite number"),
+                                   ("--lower-guidance", "3,-1", "-1.0 is not in the range x>=0.")]:
+        status, err = in_process(capsys, "study_mitigations", "--config", str(config), "--out", str(out),
+                                 option, value)
+        assert (status, err) == (2, [f"error: Invalid value for '{option}': {message}"]), option
     assert_untouched(out)
 
 
@@ -545,11 +586,16 @@ def test_an_existing_file_that_is_not_a_scan_is_never_overwritten(run_dir, tmp_p
     ("train_copy_detector", ["--checkpoint", "{run}", "--out", "{out}"]),
     ("train_label_classifier", ["--checkpoint", "{run}", "--out", "{out}"]),
     ("compare_runs", ["{run}", "{run}", "--out", "{out}"]),
+    ("benchmark_detectors", ["--checkpoint", "{run}", "--out", "{out}"]),
+    ("benchmark_similarity", ["--checkpoint", "{run}", "--out", "{out}", "--no-clip"]),
+    ("study_mitigations", ["--config", "{config}", "--out", "{out}"]),
+    ("train_deepssim", ["--checkpoint", "{run}", "--out", "{out}", "--backbone", "tiny"]),
 ])
 def test_an_unwritable_output_is_refused_while_parsing(run_dir, tmp_path, capsys, name, args):
     parent, tail = unwritable_parent(tmp_path)
     out = parent / "out"
-    args = [a.format(run=run_dir, prompts=run_dir / "prompts.txt", out=out) for a in args]
+    args = [a.format(run=run_dir, prompts=run_dir / "prompts.txt", out=out, config=REPO / "configs" / "demo_cpu.json")
+            for a in args]
     try:
         status, err = in_process(capsys, name, *args)
     finally:
@@ -572,7 +618,9 @@ def test_a_read_only_default_output_is_refused_before_training(run_dir, tmp_path
 # ----------------------------------------------------------------------------- pages
 
 # Every module of engine/reports that writes markup, each rendered below with markup in every field it shows.
-PAGES_TESTED = {"audit_report", "cfg_vs_nocfg", "comparison_page", "demo_index", "token_significance_page"}
+PAGES_TESTED = {"audit_report", "cfg_vs_nocfg", "comparison_page", "conditions_table", "demo_index",
+                "detector_benchmark", "exposure", "mitigation_study_page", "similarity_benchmark_page",
+                "token_significance_page"}
 MARKUP = re.compile(r"<(html|table|h[1-4]|pre|ul|p|div|span)[ >]")
 
 
@@ -596,9 +644,12 @@ def test_the_cfg_vs_nocfg_page_escapes_everything_and_refuses_non_numbers(run_di
         (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
         (run / "sample_prompts.json").write_text(json.dumps({"prompts": [PROMPTS[2]], "seeds": [0]}))
         runs.append(run)
+    from engine.audit.conditioning_study import StudyOptions
     from engine.reports.cfg_vs_nocfg import compare_runs
-    page = compare_runs(runs[0], runs[1], tmp_path / "page", guidance=(1.0,), steps=2).read_text()
+    quantify = StudyOptions(generations=1, steps=2, controls=1, ordinary=1, n_boot=20)   # the conditions table too
+    page = compare_runs(runs[0], runs[1], tmp_path / "page", guidance=(1.0,), steps=2, quantify=quantify).read_text()
     _assert_escaped(page, [XSS.format(0), XSS.format(1)])
+    assert page.count(XSS.format(1).replace("<", "&lt;").replace(">", "&gt;") + " w = 1") >= 2   # both tables
     # the issue's probe: steps and p_uncond carrying markup are refused, naming the file and key
     (runs[1] / "metrics.jsonl").write_text('{"step": "<img src=x onerror=alert(9)>", "loss": 0.4}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: expected an object with an integer \"step\""):
@@ -661,3 +712,117 @@ def test_the_token_significance_and_demo_pages_escape_every_field(tmp_path):
     write_index(tmp_path, [(XSS.format("label"), tmp_path / XSS.format("path"))], lines)
     _assert_escaped((tmp_path / "index.html").read_text(),
                     [XSS.format("run"), XSS.format("label"), XSS.format("path")])
+
+
+def planted_run(run_dir: Path, where: Path) -> Path:
+    """A run with 4 planted and 4 control tokens (the detector benchmark needs 2 planted prompts in each
+    half), on the fixture's images, with a tiny random model of its vocabulary."""
+    tokens = [f"plant{j:03d}" for j in range(4)] + [f"ctrl{j:03d}" for j in range(4)]
+    vocab = Vocabulary.default(extra_tokens=tokens)
+    paths = [str(run_dir / "images" / f"{i}.png") for i in range(14)]
+    records = ([{"image_path": paths[j], "prompt": f"frontal AP chest x-ray, male, 30s | plant{j:03d}"} for j in range(4)]
+               + [{"image_path": paths[4 + j], "prompt": f"frontal PA chest x-ray, female, {10 * j + 20}s | ctrl{j:03d}"}
+                  for j in range(4)]
+               + [{"image_path": paths[8 + j % 4], "prompt": f"lateral LL chest x-ray, male, {10 * j}s"} for j in range(8)])
+    where.mkdir()
+    (where / "splits.json").write_text(json.dumps({"data": {"image_size": 32, "cache_dir": str(where / "cache")},
+                                                   "splits": {"train": records, "val": records[:2], "test": []}}))
+    (where / "planted_manifest.json").write_text(json.dumps({"seed": 0, "planted": [
+        {"token": f"plant{j:03d}", "image_path": paths[j]} for j in range(4)], "controls": [
+        {"token": f"ctrl{j:03d}", "image_paths": [paths[4 + j]]} for j in range(4)]}))
+    export_model(where / "export", tiny_unet(vocab), DiffusionConfig(num_timesteps=100), vocab)
+    return where
+
+
+def test_the_detector_benchmark_page_escapes_every_field(run_dir, tmp_path):
+    from engine.audit.detector_benchmark import benchmark_checkpoint
+    from engine.audit.wen_detector import DetectorSettings
+    from engine.reports.detector_benchmark import render_benchmark_html
+    run = planted_run(run_dir, tmp_path / XSS.format("run"))       # the run's path is shown on the page
+    result = benchmark_checkpoint(str(run), str(tmp_path / "bench"), DetectorSettings(generations=2, steps=2),
+                                  n_boot=20, progress=False, log=lambda m: None)
+    records, meta = result["records"], result["meta"]
+    assert any(r.get("fitted_params") for r in records)            # the fitted detector's row is rendered too
+    records[0]["detector"] = XSS.format("detector")
+    for r in records:
+        r["summary"] = XSS.format("summary")
+    meta.update(device=XSS.format("device"), split_source=XSS.format("split"), notes=[XSS.format("note")],
+                counts={XSS.format("count"): 1}, null_condition=XSS.format("null"), p_uncond=XSS.format("p"))
+    meta["settings"]["sampler"] = XSS.format("sampler")
+    page = render_benchmark_html(records, meta)
+    _assert_escaped(page, [XSS.format(k) for k in ("run", "detector", "summary", "device", "split", "note", "count",
+                                                   "null", "p", "sampler")])
+
+
+def test_the_similarity_benchmark_page_escapes_every_field(run_dir, tmp_path):
+    from engine.audit.run_data import read_manifest, split_images
+    from engine.audit.similarity_benchmark import BenchmarkOptions, pixel_metric, run_benchmark, ssim_metric
+    from engine.reports.similarity_benchmark_page import write_page
+    train = split_images(str(run_dir), "train", progress=False)
+    val = split_images(str(run_dir), "val", progress=False).images
+    opts = BenchmarkOptions(generations=2, steps=2, controls_per_token=1, known_copies=4, n_boot=20)
+    run = copy_run(run_dir, tmp_path / XSS.format("run"))           # the run's path is shown on the page
+    numbers = run_benchmark(load_model(run), str(run), train, val, val, read_manifest(str(run)),
+                            [pixel_metric(), ssim_metric()], opts)
+    images = numbers.pop("_images")
+    assert images["planted_rows"].any()                             # the examples table has rows
+    hostile = XSS.format("metric")                                  # a metric name, everywhere it is a key
+    for table in (numbers["retrieval"], numbers["metrics"], numbers["paired_recall_at_1"]["differences"],
+                  numbers["copy_decisions"], numbers["known_copies"], images["top1"]):
+        table[hostile] = table.pop("ssim")
+    for rules in [*numbers["copy_decisions"].values(), *(k["copy_decisions"] for k in numbers["known_copies"].values())]:
+        rules[XSS.format("rule")] = rules.pop(next(iter(rules)))
+    numbers["metrics"][hostile]["note"] = XSS.format("note")
+    numbers["default_metric"] = {"name": XSS.format("default"), "reason": XSS.format("reason")}
+    numbers["manifest_version"] = XSS.format("version")             # read from planted_manifest.json
+    numbers["options"]["sampler"] = XSS.format("sampler")
+    images["prompts"] = [XSS.format(f"p{i}") for i in range(len(images["prompts"]))]
+    shown = [XSS.format(f"p{i}") for i in np.flatnonzero(images["planted_rows"])[:6]]
+    write_page(str(tmp_path / "index.html"), numbers, images, train.images)
+    _assert_escaped((tmp_path / "index.html").read_text(),
+                    [XSS.format(k) for k in ("run", "metric", "rule", "note", "default", "reason", "version",
+                                             "sampler")] + shown)
+
+
+def _quantified(run_dir: Path, name: str) -> dict:
+    """engine.audit.conditioning_study's numbers of the tiny run at w = 1 and 3, under a condition name."""
+    from engine.audit.conditioning_study import StudyOptions, quantify_runs
+    from engine.audit.run_data import read_manifest, run_real_images, split_prompts
+    return quantify_runs([load_model(run_dir)], [name], [[1.0, 3.0]], run_real_images(str(run_dir), "val", progress=False),
+                         read_manifest(str(run_dir)), split_prompts(str(run_dir), "train"),
+                         opts=StudyOptions(generations=1, steps=2, controls=1, ordinary=1, n_boot=20))
+
+
+def test_the_mitigation_study_page_and_conditions_table_escape_every_field(run_dir, tmp_path):
+    from engine.reports.mitigation_study_page import write_study_page
+    q = _quantified(run_dir, XSS.format("condition"))
+    assert q["results"][1]["paired_vs_reference"]                    # the paired table is rendered too
+    q["results"][1].update(steps=XSS.format("steps"), privacy={"epsilon": 10.0, "delta": 1e-5, "noise_multiplier": 1.1})
+    q["results"][0]["detection"] = {"not_applicable": XSS.format("detection")}
+    for r in q["results"]:
+        r["frechet"][XSS.format("features")] = r["frechet"].pop(next(iter(r["frechet"])))
+        r["groups"] = {XSS.format("group"): sum(r["groups"].values())}
+    doc = {**q, "spec": {"config": XSS.format("config"), "overrides": [XSS.format("set")],
+                         "dp_overrides": [XSS.format("dpset")], "dp_epsilons": [10.0], "dp_delta": 1e-5,
+                         "guidance": 7.5, "audit": q["options"]},
+           "screening": {"tau_rms": 0.1, "quantile": 0.9, "dropped": 0.2}}
+    page = Path(write_study_page(str(tmp_path), doc)).read_text()
+    _assert_escaped(page, [XSS.format(k) for k in ("condition", "steps", "detection", "features", "group", "config",
+                                                   "set", "dpset")])
+
+
+def test_the_exposure_table_escapes_paths_patients_and_prompts():
+    from data_pipeline.images import to_model_range
+    from engine.audit.detectors.nearest_training import TrainingNeighbours
+    from engine.audit.exposure import exposed_training_images
+    from engine.reports.exposure import exposure_section_html
+    train = _blobs(4, 32, 7)
+    paths = [XSS.format(f"path{i}") for i in range(4)]
+    generations = to_model_range(train[:2], channel_dim=False)[:, None, None]   # [P=2, G=1, 1, S, S]: copies
+    prompts = [XSS.format("p0"), XSS.format("p1")]
+    rows = exposed_training_images(prompts, generations, TrainingNeighbours(train, paths), 0.9,
+                                   {p: XSS.format("patient") for p in paths})
+    assert sorted(r["image_path"] for r in rows) == paths[:2]
+    page = exposure_section_html(rows, {"n_flagged_prompts": 2, "generations": 1, "threshold": 0.9,
+                                        "threshold_from": XSS.format("from"), "n_patients": 1})
+    _assert_escaped(page, paths[:2] + prompts + [XSS.format("patient"), XSS.format("from")])

@@ -39,8 +39,8 @@ def _row(r: dict, fd_names: list[str], extra: bool) -> str:
     cells = f"<td>{html.escape(r['name'])}</td>"
     if extra:
         minutes = r.get("training_seconds_logged")
-        cells += (f"<td>{r.get('steps', '–')}</td><td>{'–' if minutes is None else f'{minutes / 60:.1f}'}</td>"
-                  f"<td>{_privacy(r)}</td>")
+        cells += (f"<td>{html.escape(str(r.get('steps', '–')))}</td>"
+                  f"<td>{'–' if minutes is None else f'{minutes / 60:.1f}'}</td><td>{_privacy(r)}</td>")
     return f"<tr>{cells}<td>{_ci(lc, 'value', False)}</td>{fd}<td>{nip_txt}</td><td>{copy_txt}</td><td>{det_txt}</td></tr>"
 
 
@@ -66,7 +66,8 @@ def conditions_table(q: dict) -> str:
     groups = results[0]["groups"]
     real = (results[0].get("label_conformance") or {}).get("real_heldout") or {}
     real_auc = real.get("macro_auc")
-    return (f"<p>{len(q['prompts'])} prompts ({', '.join(f'{v} {k}' for k, v in groups.items())}) x {o['generations']} "
+    counts = ", ".join(f"{v} {html.escape(str(k))}" for k, v in groups.items())
+    return (f"<p>{len(q['prompts'])} prompts ({counts}) x {o['generations']} "
             f"generations, DDIM {o['steps']} steps, seed of prompt i = {o['base_seed']} + i. Label conformance of real "
             f"held-out images: {'–' if real_auc is None else f'{real_auc:.3f}'}. 95% intervals resample prompts "
             f"(Fréchet distance and label AUC by bootstrap, rates prompt-clustered); Wen AUC by DeLong. Nearest is "

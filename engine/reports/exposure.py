@@ -8,11 +8,12 @@ MAX_PROMPTS_SHOWN = 5
 
 
 def exposure_section_html(rows: list[dict], meta: dict, max_rows: int = 200) -> str:
-    intro = (f"<p>{meta.get('n_flagged_prompts', '?')} flagged prompts, {meta.get('generations', '?')} generations "
+    count = lambda key: html.escape(str(meta.get(key, "?")))   # noqa: E731
+    intro = (f"<p>{count('n_flagged_prompts')} flagged prompts, {count('generations')} generations "
              f"each; a generation reproduces a training image when its nearest training image (pixel Pearson "
              f"correlation) is above the copy threshold {meta.get('threshold', float('nan')):.4f} "
              f"({html.escape(str(meta.get('threshold_from', '')))}). {len(rows)} training images of "
-             f"{meta.get('n_patients', '?')} patients are reproduced.</p>")
+             f"{count('n_patients')} patients are reproduced.</p>")
     if not rows:
         return "<h2>Exposed training images</h2>" + intro
     body = []

@@ -39,7 +39,7 @@ def _decision_table(per_metric: dict) -> str:
     rows = []
     for m, rules in per_metric.items():
         for r, d in rules.items():
-            rows.append(f"<tr><td>{html.escape(m)}</td><td>{r}</td><td>{d['threshold']:.4f}</td>"
+            rows.append(f"<tr><td>{html.escape(m)}</td><td>{html.escape(r)}</td><td>{d['threshold']:.4f}</td>"
                         f"<td>{_ci(d['precision'], 'value')}</td><td>{_ci(d['recall'], 'value')}</td>"
                         f"<td>{_ci(d['f1'], 'value', pct=False)}</td><td>{d['n_claims']}</td>"
                         f"<td>{d['n_positive']} / {d['n_negative']}</td></tr>")
@@ -84,7 +84,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}} table.img img{{widt
 <p>Run <code>{html.escape(numbers['run'])}</code>: {numbers['n_train_images']} distinct training images searched for
 every query; {numbers['n_planted_prompts']} planted prompts and {numbers['n_control_prompts']} control prompts x
 {o['generations']} generations ({html.escape(o['sampler'])}, {o['steps']} steps, w = {o['guidance']:g}, seeds
-{o['seed']}..{o['seed'] + o['generations'] - 1}); manifest v{numbers['manifest_version']}.</p>
+{o['seed']}..{o['seed'] + o['generations'] - 1}); manifest v{html.escape(str(numbers['manifest_version']))}.</p>
 <h2>Default neighbour metric: {html.escape(chosen['name'])}</h2><p>{html.escape(chosen['reason'])}.</p>
 <h2>Retrieval of the planted source (planted generations)</h2>
 <p>Share of planted prompts' generations whose nearest (recall@1) or five nearest (recall@5) training images include
