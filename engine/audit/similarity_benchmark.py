@@ -112,6 +112,13 @@ class BenchmarkOptions:
 
 
 @dataclass
+class BenchmarkResult:
+    numbers: dict                     # what similarity_benchmark.json holds
+    images: dict                      # generations and each metric's top-1 (engine.reports.similarity_benchmark_page)
+    train_images: np.ndarray          # uint8 [N, S, S], the images the top-1 indices point into
+
+
+@dataclass
 class PlantedQueries:
     prompts: list[str]
     group: list[str]                  # "planted" / "control"
@@ -310,9 +317,11 @@ def choose_default_metric(hits1: dict[str, np.ndarray], numbers: dict, opts: Ben
 
 def benchmark_checkpoint(checkpoint: str, out_dir: str, *, copy_detector: str | None = None,
                          deepssim: str | None = None, clip_spec=None, opts: BenchmarkOptions = BenchmarkOptions(),
-                         device: str = "cpu", progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                         device: str = "cpu", progress: bool = True,
+                         log: Callable[[str], None] = print) -> BenchmarkResult:
     """Load a run's model, training/validation/test images, manifest and the given metric networks;
-    run the benchmark; write <out>/similarity_benchmark.json and <out>/index.html. Returns the numbers.
+    run the benchmark; write <out>/similarity_benchmark.json. The page is engine.reports.
+    similarity_benchmark_page's (write_page(path, result.numbers, result.images, result.train_images)).
 
     Every input is checked before any generation starts."""
     import os
@@ -323,7 +332,6 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, *, copy_detector: str | 
     from engine.audit.deepssim import load_deepssim
     from engine.audit.run_data import read_manifest, split_images
     from engine.model.export import load_model
-    from engine.reports.similarity_benchmark_page import write_page
 
     manifest = read_manifest(checkpoint)
     if manifest is None:
@@ -347,5 +355,4 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, *, copy_detector: str | 
     images = numbers.pop("_images")
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "similarity_benchmark.json"), numbers)
-    write_page(os.path.join(out_dir, "index.html"), numbers, images, train.images)
-    return numbers
+    return BenchmarkResult(numbers, images, train.images)
