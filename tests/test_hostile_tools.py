@@ -615,6 +615,17 @@ def test_a_read_only_default_output_is_refused_before_training(run_dir, tmp_path
     assert not (run / "cache").exists()   # no image was read
 
 
+def test_train_deepssim_refuses_a_split_without_patient_ids_before_training(run_dir, tmp_path, capsys):
+    """Its evaluation pairs images of different patients: a splits.json without patient ids is named
+    by file and row before any epoch runs, and no DeepSSIM is saved (a rerun is not blocked by it)."""
+    out = tmp_path / "deepssim"
+    status, err = in_process(capsys, "train_deepssim", "--checkpoint", str(run_dir), "--out", str(out),
+                             "--backbone", "tiny", "--epochs", "1", "--eval-split", "val", "--quiet")
+    assert (status, err) == (2, [f"error: {run_dir / 'splits.json'}: splits.val[0]: no patient_id (the evaluation "
+                                 f"pairs images of different patients)"])
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- pages
 
 # Every module of engine/reports that writes markup, each rendered below with markup in every field it shows.

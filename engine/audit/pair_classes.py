@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from data_pipeline.images import to_model_range, to_uint8
 from engine.audit.deepssim import CLASSES, DIFFERENT_AT_MOST, DUPLICATE_ABOVE, classify
 from engine.audit.intervals import cluster_bootstrap_statistic
-from engine.audit.run_data import read_splits, split_images
+from engine.audit.run_data import find_run_file, read_splits, split_images
 from engine.audit.similarity import pearson_normalize, ssim_paired
 
 
@@ -221,19 +221,35 @@ def three_class_evaluation(pairs: PairSet, scores: dict[str, np.ndarray], binary
 
 
 def split_patients(run_dir: str, split: str, paths: list[str]) -> list[str]:
-    """Patient id of each image path of a run's split (from splits.json)."""
-    records = read_splits(run_dir)["splits"][split]
-    patient = {r["image_path"]: r["patient_id"] for r in records}
+    """Patient id of each image path of a run's split (from splits.json); a record without one is an
+    error naming the file and row (pairs of 'Different' images must come from different patients)."""
+    records = read_splits(run_dir)["splits"].get(split) or []
+    patient = {}
+    for i, r in enumerate(records):
+        if not r.get("patient_id"):
+            raise ValueError(f"{find_run_file(run_dir, 'splits.json')}: splits.{split}[{i}]: no patient_id (the "
+                             f"evaluation pairs images of different patients)")
+        patient[r["image_path"]] = str(r["patient_id"])
     return [patient[p] for p in paths]
 
 
+def evaluation_pairs(run_dir: str, split: str = "test", per_class: int = 4, spec: PairSpec = PairSpec(),
+                     seed: int = 0, progress: bool = True) -> tuple[int, PairSet]:
+    """(number of held-out images, the pairs of known class built from them): made and checked before
+    anything is trained, so that a run unfit for the evaluation is refused first."""
+    held_out = split_images(run_dir, split, progress=progress)
+    return len(held_out.images), make_pairs(held_out.images, split_patients(run_dir, split, held_out.image_paths),
+                                            per_class, spec, seed)
+
+
 def evaluate_run(run_dir: str, *, deepssim=None, copy_detector=None, split: str = "test", per_class: int = 4,
-                 spec: PairSpec = PairSpec(), seed: int = 0, n_boot: int = 1000, progress: bool = True) -> dict:
+                 spec: PairSpec = PairSpec(), seed: int = 0, n_boot: int = 1000, progress: bool = True,
+                 pairs: tuple[int, PairSet] | None = None) -> dict:
     """The three-class evaluation on pairs built from a run's held-out `split` (default: test, which
     neither the diffusion model nor the embedders trained or selected on): pixel correlation, SSIM,
-    and DeepSSIM and Dar's rule when given."""
-    held_out = split_images(run_dir, split, progress=progress)
-    pairs = make_pairs(held_out.images, split_patients(run_dir, split, held_out.image_paths), per_class, spec, seed)
+    and DeepSSIM and Dar's rule when given. `pairs`: evaluation_pairs(...) of the same arguments,
+    made beforehand."""
+    n_images, pairs = pairs or evaluation_pairs(run_dir, split, per_class, spec, seed, progress)
     scores = {"pixel_correlation": paired_pixel_correlation(pairs.a, pairs.b), "ssim": paired_ssim(pairs.a, pairs.b)}
     rules = {}
     if deepssim is not None:
@@ -244,5 +260,5 @@ def evaluate_run(run_dir: str, *, deepssim=None, copy_detector=None, split: str 
         if copy_detector.threshold is not None:
             rules["dar_rule"] = ("dar_correlation", copy_detector.threshold)
     result = three_class_evaluation(pairs, scores, rules, n_boot, seed)
-    return {"run": run_dir, "split": split, "n_images": int(len(held_out.images)), "pairs_per_class_per_anchor": per_class,
+    return {"run": run_dir, "split": split, "n_images": int(n_images), "pairs_per_class_per_anchor": per_class,
             "pair_spec": asdict(spec), "seed": seed, **result}
