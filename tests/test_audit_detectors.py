@@ -545,6 +545,7 @@ def test_sampling_and_token_significance_guard_the_null_condition(tmp_path):
     ("mitigate", "guidance --checkpoint {run} --steps 1 --generations 1 --out {tmp}/m"),
     ("token_significance", "--checkpoint {run} --prompts {tmp}/p.txt --steps 1 --out {tmp}/t.json"),
     ("sample", "--checkpoint {run} --prompts {tmp}/p.txt -w 7.5 --steps 1 --out {tmp}/x"),
+    ("benchmark_similarity", "--checkpoint {run} --no-clip --steps 1 --generations 1 --out {tmp}/b"),
 ])
 def test_every_tool_that_needs_the_null_condition_refuses_a_p_uncond_0_model(tmp_path, tool, args):
     """The command line, as a user meets it: a one-line error naming conditioning.p_uncond, nothing written."""
@@ -565,7 +566,7 @@ def test_every_tool_that_needs_the_null_condition_refuses_a_p_uncond_0_model(tmp
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if "conditioning.p_uncond = 0" in ln]
     assert len(lines) == 1 and "needs the null condition" in lines[0] and "--force" in lines[0], proc.stderr
-    assert not any((tmp_path / name).exists() for name in ("s.parquet", "v", "m", "t.json", "x"))
+    assert not any((tmp_path / name).exists() for name in ("s.parquet", "v", "m", "t.json", "x", "b"))
 
 
 def test_benchmark_checkpoint_end_to_end_on_a_tiny_planted_run(tmp_path):

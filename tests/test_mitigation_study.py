@@ -55,6 +55,19 @@ def test_variant_overrides(config, tmp_path):
         variant_overrides(MitigationStudySpec(config=str(config), out_dir=str(tmp_path), variants=("dpx",)), None)
 
 
+def test_study_checks_every_variant_and_the_null_condition_before_training(config, tmp_path):
+    """A typo in --dp-set, or a baseline trained without the null prompt (every audit generates with
+    guidance and scores Wen's ||eps_c - eps_u||), is refused before the baseline trains."""
+    from engine.mitigation.training_study import run_study
+    from engine.training.config import ConfigError
+    out = tmp_path / "study"
+    with pytest.raises(ConfigError, match=r"training\.stepz: unknown key"):
+        run_study(MitigationStudySpec(config=str(config), out_dir=str(out), dp_overrides=("training.stepz=2",)))
+    with pytest.raises(ValueError, match=r"conditioning\.p_uncond: the study generates with guidance .* got 0"):
+        run_study(MitigationStudySpec(config=str(config), out_dir=str(out), overrides=("conditioning.p_uncond=0",)))
+    assert not out.exists()
+
+
 def test_study_end_to_end_and_resumable(config, tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, str(REPO / "tools" / "study_mitigations"), "--config", str(config), "--out", str(out),

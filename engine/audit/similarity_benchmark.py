@@ -317,13 +317,15 @@ def choose_default_metric(hits1: dict[str, np.ndarray], numbers: dict, opts: Ben
 
 def benchmark_checkpoint(checkpoint: str, out_dir: str, *, copy_detector: str | None = None,
                          deepssim: str | None = None, clip_spec=None, opts: BenchmarkOptions = BenchmarkOptions(),
-                         device: str = "cpu", progress: bool = True,
+                         device: str = "cpu", force: bool = False, progress: bool = True,
                          log: Callable[[str], None] = print) -> BenchmarkResult:
     """Load a run's model, training/validation/test images, manifest and the given metric networks;
     run the benchmark; write <out>/similarity_benchmark.json. The page is engine.reports.
     similarity_benchmark_page's (write_page(path, result.numbers, result.images, result.train_images)).
 
-    Every input is checked before any generation starts."""
+    Every input is checked before any generation starts; guided generation (w != 1) of a model trained
+    without the null condition is refused unless `force` (engine.model.null_condition), and the guard's
+    record is kept in the numbers."""
     import os
 
     from data_pipeline.atomic_files import write_json
@@ -332,6 +334,7 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, *, copy_detector: str | 
     from engine.audit.deepssim import load_deepssim
     from engine.audit.run_data import read_manifest, split_images
     from engine.model.export import load_model
+    from engine.model.null_condition import require_null_condition
 
     manifest = read_manifest(checkpoint)
     if manifest is None:
@@ -345,6 +348,8 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, *, copy_detector: str | 
     if deepssim:
         metrics.append(deepssim_metric(load_deepssim(deepssim, device)))
     loaded = load_model(checkpoint, device)
+    guard = (require_null_condition(loaded, f"the benchmark's generations at w = {opts.guidance:g}", force)
+             if opts.guidance != 1 else {"null_condition": "not used (w = 1)"})
     train = split_images(checkpoint, "train", progress=progress)
     validation = split_images(checkpoint, "val", progress=progress).images
     heldout = split_images(checkpoint, "test", progress=progress).images
@@ -353,6 +358,7 @@ def benchmark_checkpoint(checkpoint: str, out_dir: str, *, copy_detector: str | 
         raise ValueError(f"{checkpoint}: training images are {train.images.shape[1:]}, the model makes {size}x{size}")
     numbers = run_benchmark(loaded, checkpoint, train, validation, heldout, manifest, metrics, opts, device, log)
     images = numbers.pop("_images")
+    numbers["null_condition"] = guard
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "similarity_benchmark.json"), numbers)
     return BenchmarkResult(numbers, images, train.images)

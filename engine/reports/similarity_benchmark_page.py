@@ -77,10 +77,13 @@ def _examples(images: dict, train_images: np.ndarray, max_prompts: int = 6) -> s
 def write_page(path: str, numbers: dict, images: dict, train_images: np.ndarray) -> None:
     o = numbers["options"]
     chosen = numbers["default_metric"]
+    forced = ("<p style='color:#b00;font-weight:bold'>FORCED: a model trained with conditioning.p_uncond = 0 "
+              "generated at w != 1; its null prompt was never trained, so these generations are meaningless.</p>"
+              if (numbers.get("null_condition") or {}).get("forced_without_null_condition") else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>similarity benchmark</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:80em}} table{{border-collapse:collapse;margin:.6em 0}}
 td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}} table.img img{{width:64px;image-rendering:pixelated}}</style>
-</head><body><h1>Which metric finds the copied training image?</h1>
+</head><body><h1>Which metric finds the copied training image?</h1>{forced}
 <p>Run <code>{html.escape(numbers['run'])}</code>: {numbers['n_train_images']} distinct training images searched for
 every query; {numbers['n_planted_prompts']} planted prompts and {numbers['n_control_prompts']} control prompts x
 {o['generations']} generations ({html.escape(o['sampler'])}, {o['steps']} steps, w = {o['guidance']:g}, seeds
