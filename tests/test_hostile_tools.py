@@ -89,7 +89,9 @@ def run_dir(tmp_path_factory) -> Path:
         {"planted": [{"token": "tok0000", "image_path": paths[0], "copies": 3}],
          "controls": [{"token": "tok0001", "image_paths": [paths[1]]}], "k": 1, "copies": 3, "seed": 0}))
     vocab = Vocabulary.default(["tok0000", "tok0001", "tok0002"], max_len=8)
-    export_model(root / "export", tiny_unet(vocab), DiffusionConfig(num_timesteps=100), vocab)
+    # recorded as the trainer records it (an export without it draws a note on stderr from every null-branch use)
+    export_model(root / "export", tiny_unet(vocab), DiffusionConfig(num_timesteps=100), vocab,
+                 metadata={"p_uncond": 0.1})
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     torch.manual_seed(1)
     CopyDetector(build_embedder("tiny", 16), CopyDetectorConfig(backbone="tiny", embed_dim=16), 0.5).save(
@@ -741,7 +743,8 @@ def planted_run(run_dir: Path, where: Path) -> Path:
     (where / "planted_manifest.json").write_text(json.dumps({"seed": 0, "planted": [
         {"token": f"plant{j:03d}", "image_path": paths[j]} for j in range(4)], "controls": [
         {"token": f"ctrl{j:03d}", "image_paths": [paths[4 + j]]} for j in range(4)]}))
-    export_model(where / "export", tiny_unet(vocab), DiffusionConfig(num_timesteps=100), vocab)
+    export_model(where / "export", tiny_unet(vocab), DiffusionConfig(num_timesteps=100), vocab,
+                 metadata={"p_uncond": 0.1})
     return where
 
 

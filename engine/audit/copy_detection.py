@@ -227,7 +227,7 @@ def load_copy_detector(path: str, device: str = "cpu") -> CopyDetector:
     """Load from a directory holding copy_detector.safetensors and copy_detector.json."""
     state, meta = load_network(path, NAME, "tools/train_copy_detector")
     where = os.path.join(path, f"{NAME}.json")
-    if "input_scaling" not in (meta.get("config") or {}):
+    if isinstance(meta.get("config"), dict) and "input_scaling" not in meta["config"]:   # a detector from before
         raise ValueError(f"{where}: trained without Dar's per-image [0, 1] rescaling, which embedding "
                          f"now applies; retrain it with tools/train_copy_detector")
     cfg = network_config(CopyDetectorConfig, meta.pop("config", None), where)
