@@ -6,12 +6,15 @@ are planted C times under a dedicated prompt token (`plantNNN`):
 - near:  C new files, each the source after a small rotation, shift, crop, contrast/brightness change
          and noise of its own (a re-acquisition of the same patient), written under the run directory.
 Every planted entry has one control (`ctrlNNN`) with the same C: C *distinct* images of other
-patients, all carrying ONE prompt text (their anchor's prompt plus the control token). Planted and
+patients, all carrying ONE prompt text (their anchor's prompt plus the control token; the anchor is
+the image whose prompt is nearest the planted source's, so planted and control prompts also match in
+content). Planted and
 control tokens then occur equally often (C rows) AND their prompts repeat equally often (C identical
 rows), so a detector that reacts to a rare token or a repeated prompt, not to a repeated image,
 cannot separate them. Control members are the images whose prompts differ least from the anchor's
-(fewest differing prompt phrases: findings, view, projection, sex, age decade), so the one shared
-prompt mislabels them as little as the pool allows; every member's mismatch is in the manifest.
+(fewest differing findings first, then fewest differing view, projection, sex and age phrases), so
+the one shared prompt mislabels them as little as the pool allows; every member's mismatch is in the
+manifest.
 
 Every planted entry and its control belong to the calibration or the evaluation half, balanced in
 each (dose, kind) cell. The manifest (`planted_manifest.json`, schema in notes/design_phase2.md)
@@ -113,15 +116,24 @@ def _patient_first_order(records: Sequence[XrayRecord], rng: np.random.Generator
     return first + rest
 
 
-def _phrases(record: XrayRecord) -> frozenset[str]:
+def _phrases(record: XrayRecord) -> tuple[frozenset[str], frozenset[str]]:
+    """(label phrases: findings and uncertain findings, the other phrases: view, projection, sex, age)."""
     parts = parts_for(dataclasses.replace(record, extra_tokens=()))
-    return frozenset(parts.tokens())
+    labels = frozenset(parts.findings) | frozenset("uncertain " + u for u in parts.uncertain)
+    return labels, frozenset(parts.tokens()) - labels
 
 
-def _choose_members(anchor: int, pool: list[int], phrases: dict[int, frozenset], count: int) -> list[int]:
-    """The `count` pool images whose prompt phrases differ least from the anchor's (pool order breaks ties)."""
+def _mismatch(a: tuple[frozenset, frozenset], b: tuple[frozenset, frozenset]) -> tuple[int, int]:
+    """(differing label phrases, differing other phrases) of two prompts."""
+    return len(a[0] ^ b[0]), len(a[1] ^ b[1])
+
+
+def _choose_members(anchor: int, pool: list[int], phrases: dict[int, tuple], count: int) -> list[int]:
+    """The `count` pool images whose prompts differ least from the anchor's: fewest differing findings
+    first (the labels a shared prompt would get wrong), then fewest differing view/sex/age phrases
+    (pool order breaks ties)."""
     mine = phrases[anchor]
-    ranked = sorted(range(len(pool)), key=lambda j: (len(phrases[pool[j]] ^ mine), j))
+    ranked = sorted(range(len(pool)), key=lambda j: (_mismatch(phrases[pool[j]], mine), j))
     return [pool[j] for j in ranked[:count]]
 
 
@@ -170,8 +182,11 @@ def plant_duplicates(records: Sequence[XrayRecord], cfg: PlantedConfig,
     manifest = {"version": MANIFEST_VERSION, "seed": cfg.seed, "dose_levels": list(cfg.dose_levels),
                 "kinds": list(cfg.kinds), "per_level": cfg.k, "near": to_jsonable(cfg.near),
                 "planted": [], "controls": [], "ordinary_split_seed": cfg.seed,
-                "control_members": "C distinct images of other patients whose prompt phrases differ least from "
-                                   "the anchor's, all rows under the anchor's prompt"}
+                "control_members": "anchor: the image of another patient whose prompt is nearest the planted "
+                                   "source's; members: C distinct images whose prompts differ least from the "
+                                   "anchor's (fewest differing findings, then fewest differing view/sex/age "
+                                   "phrases), all rows under the anchor's prompt; label_mismatch / "
+                                   "phrase_mismatch count each member's differing findings / other phrases"}
     for e, (dose, kind, half) in enumerate(entries):
         token, src = f"{PLANTED_PREFIX}{e:0{width}d}", records[sources[e]]
         entry = {"token": token, "image_path": src.image_path, "patient_id": src.patient_id, "copies": dose,
@@ -185,19 +200,22 @@ def plant_duplicates(records: Sequence[XrayRecord], cfg: PlantedConfig,
             out.extend(dataclasses.replace(src, image_path=path, study_id=f"{src.study_id}/near{j}")
                        .with_extra_tokens((token,)) for j, path in enumerate(entry["copy_paths"]))
         manifest["planted"].append(entry)
-    phrases = {i: _phrases(records[i]) for i in pool}
-    # Largest controls first: they need the most members and get the widest choice.
+    phrases = {i: _phrases(records[i]) for i in pool + sources}
+    # Largest controls first: they need the most members and get the widest choice. The anchor is the
+    # pool image whose prompt is nearest its planted match's (same content, so prompt content is no
+    # confound either); the other members are the images nearest the anchor's prompt.
     for e in sorted(range(len(entries)), key=lambda e: (-entries[e][0], e)):
         dose, _, half = entries[e]
-        token, anchor = f"{CONTROL_PREFIX}{e:0{width}d}", pool[0]
-        members = [anchor] + _choose_members(anchor, pool[1:], phrases, dose - 1)
+        token, anchor = f"{CONTROL_PREFIX}{e:0{width}d}", _choose_members(sources[e], pool, phrases, 1)[0]
+        members = [anchor] + _choose_members(anchor, [i for i in pool if i != anchor], phrases, dose - 1)
         pool = [i for i in pool if i not in set(members)]
         for i in members:
             out[i] = _control_record(records[i], records[anchor], token)
         manifest["controls"].append({
             "token": token, "copies": dose, "image_paths": [records[i].image_path for i in members],
             "prompt": prompt_for(out[anchor]), "matched_to": manifest["planted"][e]["token"], "split": half,
-            "label_mismatch": [len(phrases[i] ^ phrases[anchor]) for i in members]})
+            "label_mismatch": [_mismatch(phrases[i], phrases[anchor])[0] for i in members],
+            "phrase_mismatch": [_mismatch(phrases[i], phrases[anchor])[1] for i in members]})
     manifest["controls"].sort(key=lambda c: c["token"])
     return out, manifest
 

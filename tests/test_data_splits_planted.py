@@ -118,13 +118,19 @@ def test_planted_v2_dose_kinds_and_repetition_matched_controls():
     assert len(manifest["controls"]) == len(manifest["planted"])
 
 
-def phrases(r):
-    return set(prompt_for(dataclasses.replace(r, extra_tokens=())).replace(":", ",").split(", "))
+def mismatch(r, anchor):
+    """(differing findings, differing other phrases), from the prompt texts."""
+    def split(rec):
+        head, _, findings = prompt_for(dataclasses.replace(rec, extra_tokens=())).partition(": ")
+        return set(filter(None, findings.split(", "))), set(head.split(", "))
+    (fa, ha), (fb, hb) = split(r), split(anchor)
+    return len(fa ^ fb), len(ha ^ hb)
 
 
 def test_control_members_are_the_best_matched_images_left():
     """Every image no control took was open to every control: none may match an anchor's prompt better
-    than the members that control took (fewest differing prompt phrases)."""
+    than the members that control took (fewest differing findings, then other phrases), nor match the
+    planted source's prompt better than the control's anchor."""
     records = labelled_records(150)
     _, manifest = plant_duplicates(records, planted_config(), "/run/p")
     by_path = {r.image_path: r for r in records}
@@ -132,11 +138,14 @@ def test_control_members_are_the_best_matched_images_left():
     planted_patients = {p["patient_id"] for p in manifest["planted"]}
     left = [r for r in records if r.image_path not in taken and r.patient_id not in planted_patients
             and r.image_path not in {p["image_path"] for p in manifest["planted"]}]
+    planted_by_token = {p["token"]: p for p in manifest["planted"]}
     for c in manifest["controls"]:
         anchor = by_path[c["image_paths"][0]]
-        mismatch = lambda r: len(phrases(r) ^ phrases(anchor))  # noqa: E731
-        assert [mismatch(by_path[p]) for p in c["image_paths"]] == c["label_mismatch"]
-        assert max(c["label_mismatch"][1:], default=0) <= min(mismatch(r) for r in left)
+        source = by_path[planted_by_token[c["matched_to"]]["image_path"]]   # the anchor matches its source
+        assert mismatch(anchor, source) <= min(mismatch(r, source) for r in left)
+        found = [mismatch(by_path[p], anchor) for p in c["image_paths"]]
+        assert [f[0] for f in found] == c["label_mismatch"] and [f[1] for f in found] == c["phrase_mismatch"]
+        assert max(found[1:]) <= min(mismatch(r, anchor) for r in left)
 
 
 def test_planted_is_seeded_and_errors_are_one_line():
