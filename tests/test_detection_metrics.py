@@ -65,3 +65,26 @@ def test_operating_point_threshold_from_calibration_rates_on_evaluation(study):
         k = int((evaluated > op["threshold"]).sum())
         assert (op[label]["k"], op[label]["n"]) == (k, len(evaluated))
         assert op[label]["ci95"] == list(proportion_interval(k, len(evaluated)))
+
+
+def test_mitigation_calibration_never_sees_the_evaluated_prompts(study, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.mitigation.calibration import calibrate_from_scan
+    prompts, groups, manifest, score = study
+    first = score * 0.5 + 1.0
+    pq.write_table(pa.table({"prompt": prompts, "group": groups, "score": score, "first_step_score": first}),
+                   tmp_path / "scores.parquet")
+    cal = calibrate_from_scan(str(tmp_path / "scores.parquet"), manifest, ordinary=10)
+    halves = {p: prompt_split(p, manifest) for p in prompts}
+    group_of = dict(zip(prompts, groups))
+    assert {halves[p] for p in cal.prompts} == {"evaluation"}
+    chosen = {g: sum(group_of[p] == g for p in cal.prompts) for g in ("planted", "control", "ordinary")}
+    assert chosen == {"planted": 8, "control": 8, "ordinary": 10}
+    assert cal.prompts == [p for p in prompts if p in set(cal.prompts)]            # scan order kept
+    negatives = [s for p, g, s in zip(prompts, groups, score) if g != "planted" and halves[p] == "calibration"]
+    assert cal.n_calibration_negatives == len(negatives)
+    assert cal.threshold == pytest.approx(sorted(negatives, reverse=True)[math.floor(0.01 * len(negatives))])
+    controls = [f for p, g, f in zip(prompts, groups, first) if g == "control" and halves[p] == "calibration"]
+    assert cal.target_rms == pytest.approx(np.median(controls)) and cal.n_calibration_controls == 8

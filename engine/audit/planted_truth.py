@@ -219,6 +219,7 @@ def planted_pixel_match(images: np.ndarray, prompts: Sequence[str], groups: Sequ
     if not own:
         return {}
     nearest_paths = paths_array[nearest].reshape(p, g)
+    per_prompt = {i: float(np.isin(nearest_paths[i], list(paths)).mean()) for i, paths in sources.items()}
     truth = nearest_is_planted_by_cell(nearest_paths, prompts, manifest, groups)
     overall = truth["all"]
     return {"own_correlation": distribution_summary(np.array(own)),
@@ -226,4 +227,5 @@ def planted_pixel_match(images: np.ndarray, prompts: Sequence[str], groups: Sequ
             "n_planted_prompts": overall["n_prompts"],
             "null_rate": overall.get("null_rate"), "null_ci95": overall.get("null_ci95"),
             "n_null_generations": overall.get("n_null_generations", 0),
-            "by_cell": truth["by_cell"], "by_copies": truth["by_copies"], "by_kind": truth["by_kind"]}
+            "by_cell": truth["by_cell"], "by_copies": truth["by_copies"], "by_kind": truth["by_kind"],
+            "per_prompt": per_prompt}
