@@ -95,6 +95,20 @@ def detect_format(root: str) -> str:
     raise ValueError(f"{root}: neither an NIH table ({' / '.join(NIH_TABLES)}) nor a CheXpert train.csv found")
 
 
+def check_dataset_root(root: str, dataset_format: str) -> None:
+    """A one-line ValueError unless `root` is a readable folder holding a `dataset_format` dataset
+    (its table present and readable), so a study refuses a wrong folder before any long work."""
+    if not os.path.isdir(root):
+        raise ValueError(f"{root}: not a folder")
+    found = detect_format(root)
+    if found != dataset_format:
+        raise ValueError(f"{root}: holds a {found} dataset, not {dataset_format}")
+    tables = NIH_TABLES if found == "nih" else ("train.csv",)
+    table = next(os.path.join(root, t) for t in tables if os.path.isfile(os.path.join(root, t)))
+    if not os.access(table, os.R_OK):
+        raise ValueError(f"{table}: not readable")
+
+
 def read_dataset_records(root: str, dataset_format: str | None = None) -> list[XrayRecord]:
     """Frontal records of a dataset root (CheXpert/synthetic: train.csv; NIH: all rows, all frontal)."""
     dataset_format = dataset_format or detect_format(root)
