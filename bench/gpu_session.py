@@ -439,7 +439,7 @@ def section_peers(s: Section, device) -> None:
     import torch
 
     from bench.measure import interleaved, median
-    from bench.peers import dp_step_cases, train_step_cases
+    from bench.peers import auto_norm_choice, dp_step_cases, train_step_cases
 
     have = {name: importlib.util.find_spec(name) is not None for name in ("diffusers", "opacus")}
     cfg = cfg_json_unet(64, s.dry_run)
@@ -464,7 +464,8 @@ def section_peers(s: Section, device) -> None:
     times = interleaved(cases, 1 if s.dry_run else 3, 1 if s.dry_run else 2, warmup=1, sync=do_sync)
     med = {k: median(v) for k, v in times.items()}
     item = {"ms_per_step": {k: v * 1e3 for k, v in med.items()},
-            "memdiff_over_nonprivate_time": med["memdiff"] / med["nonprivate"], "info": info}
+            "memdiff_over_nonprivate_time": med["memdiff"] / med["nonprivate"], "info": info,
+            "auto_norm_choice": auto_norm_choice(cases["memdiff"])}
     if have["opacus"]:
         item["ratio_memdiff_over_opacus_hooks"] = med["opacus_hooks"] / med["memdiff"]
     else:

@@ -93,8 +93,9 @@ def _sync(device: torch.device):
 # ----------------------------------------------------------------------------- training step
 
 def train_step_cases(cfg, batch: int, device: str = "cpu", compute_dtype: torch.dtype = torch.float32,
-                     lr: float = 1e-3) -> tuple[dict, list[str]]:
-    """memdiff's and diffusers' training steps on models of one config: ({name: step}, description)."""
+                     lr: float = 1e-3, channels_last: bool = False) -> tuple[dict, list[str]]:
+    """memdiff's and diffusers' training steps on models of one config: ({name: step}, description);
+    with `channels_last` also memdiff with training.channels_last on (an opt-in, not the headline)."""
     from bench.peer_diffusers import DiffusersPair, DiffusersTrainStep  # noqa: PLC0415
 
     vocab = Vocabulary.default()
@@ -109,6 +110,13 @@ def train_step_cases(cfg, batch: int, device: str = "cpu", compute_dtype: torch.
                                compute_dtype=compute_dtype)
     peer = DiffusersTrainStep(peer_model, torch.optim.AdamW(peer_model.parameters(), lr=lr, fused=fused), x0, tokens,
                               null, p_uncond=0.5, compute_dtype=compute_dtype)
+    cases = {"memdiff": memdiff, "diffusers": peer}
+    if channels_last:
+        torch.manual_seed(0)
+        cl_model = ConditionalUNet(cfg).to(device).train()
+        cases["memdiff_channels_last"] = MemdiffTrainStep(
+            cl_model, torch.optim.AdamW(cl_model.parameters(), lr=lr, fused=fused), NoiseSchedule("linear", 1000), x0,
+            tokens, null, p_uncond=0.5, compute_dtype=compute_dtype, channels_last=True)
     info = [f"model: memdiff ConditionalUNet {count_parameters(memdiff_model) / 1e6:.3f}M parameters, diffusers "
             f"UNet2DConditionModel + TokenEncoder {count_parameters(peer_model) / 1e6:.3f}M "
             f"({count_parameters(peer_model.unet) / 1e6:.3f}M U-Net); batch {batch}, {cfg.image_size} px, "
@@ -118,19 +126,23 @@ def train_step_cases(cfg, batch: int, device: str = "cpu", compute_dtype: torch.
             f"noise: memdiff kernels.noising ({'Triton' if x0.is_cuda else 'Philox reference in PyTorch'}), "
             f"diffusers torch.randn_like; both: no EMA, no gradient clipping, no LR schedule (the trainer adds "
             f"those after the step)"]
-    return {"memdiff": memdiff, "diffusers": peer}, info
+    return cases, info
 
 
 def compare_train_step(args) -> dict:
     cfg = demo_unet_config(image_size=args.image_size)
-    cases, info = train_step_cases(cfg, args.batch)
+    cases, info = train_step_cases(cfg, args.batch, channels_last=args.channels_last)
     say(f"train_step: {info[0]}")
     times = interleaved(cases, args.rounds, args.calls, warmup=2, say=say)
     ratio = median(times["diffusers"]) / median(times["memdiff"])
     b = args.batch
     details = [info[0].replace("memdiff ConditionalUNet", "memdiff ConditionalUNet (configs/demo_cpu.json)"), info[1]]
     for name in cases:
-        details.append(f"{name:10s} {spread(times[name])} per step = {b / median(times[name]):.0f} images/s")
+        details.append(f"{name:10s} {spread(times[name])} per step = {b / median(times[name]):.0f} images/s, "
+                       f"memdiff/{name} = {median(times[name]) / median(times['memdiff']):.2f}x")
+    if "memdiff_channels_last" in cases:
+        details.append("memdiff_channels_last: training.channels_last on (an opt-in; the headline is the demo "
+                       "config's default, off)")
     return {"line": f"train_step vs diffusers: memdiff/diffusers = {ratio:.2f}x", "ratio": ratio, "times_s": times,
             "details": details}
 
@@ -167,7 +179,8 @@ def dp_step_cases(cfg, batch: int, device: str = "cpu", opacus_variants=("opacus
             s = next(counter)
             dp.backward(loss_fn, make_dp_batch(x0, tokens, index, schedule, seed=0, step=s, p_uncond=0.5), s)
             opt.step()
-        return step, dp
+        step.dp = dp   # 'auto' decides at its first step: read after the run (auto_norm_choice)
+        return step
 
     def nonprivate_step():
         model = fresh_model()
@@ -181,19 +194,29 @@ def dp_step_cases(cfg, batch: int, device: str = "cpu", opacus_variants=("opacus
             opt.step()
         return step
 
-    memdiff_auto, dp_auto = memdiff_step("auto")
-    memdiff_vmap, _ = memdiff_step("vmap")
-    cases = {"memdiff": memdiff_auto, "memdiff_torch_func": memdiff_vmap, "nonprivate": nonprivate_step()}
+    cases = {"memdiff": memdiff_step("auto"), "memdiff_hooks": memdiff_step("ghost"),
+             "memdiff_torch_func": memdiff_step("vmap"), "nonprivate": nonprivate_step()}
     if opacus_variants:
         from bench.peer_opacus import opacus_step  # noqa: PLC0415
         for variant in opacus_variants:
             cases[variant] = opacus_step(fresh_model(), variant, x0, tokens, schedule, noise_multiplier=sigma,
                                          clip_norm=clip, lr=lr, p_uncond=0.5)
     info = [f"batch {batch} (expected batch size {batch}), {cfg.image_size} px, {count_parameters(fresh_model()) / 1e6:.3f}M "
-            f"parameters, fp32, sigma {sigma}, clip {clip}, AdamW lr {lr:g}, {x0.device}; memdiff's default norm method "
-            f"'auto' ran {'PerSampleNormHooks' if dp_auto.hooks is not None else 'the torch.func fallback'}; every "
-            f"step includes its batch's t/eps/CFG draws (memdiff: make_dp_batch, per example)"]
+            f"parameters, fp32, sigma {sigma}, clip {clip}, AdamW lr {lr:g}, {x0.device}; memdiff = its default "
+            f"dp.norm_method 'auto' (the faster of its two exact paths, timed at its first step), memdiff_hooks / "
+            f"memdiff_torch_func = each path configured ('ghost' / 'vmap'); every step includes its batch's "
+            f"t/eps/CFG draws (memdiff: make_dp_batch, per example)"]
     return cases, info
+
+
+def auto_norm_choice(step) -> str:
+    """What dp.norm_method 'auto' measured and chose in a memdiff DP case (after it ran)."""
+    dp = step.dp
+    if not dp.norm_seconds:
+        return f"memdiff 'auto': not measured (path {dp.method})"
+    sec = dp.norm_seconds
+    return (f"memdiff 'auto' at its first step: clipped sum by the norm hooks {1e3 * sec['hooks']:.0f} ms, by "
+            f"torch.func {1e3 * sec['torch_func']:.0f} ms -> {'norm hooks' if dp.hooks is not None else 'torch.func'}")
 
 
 def compare_dp_step(args) -> dict:
@@ -204,7 +227,7 @@ def compare_dp_step(args) -> dict:
     times = interleaved(cases, args.dp_rounds, args.dp_calls, warmup=1, say=say)
     med = {k: median(v) for k, v in times.items()}
     ratio = med["opacus_hooks"] / med["memdiff"]
-    details = list(info)
+    details = list(info) + [auto_norm_choice(cases["memdiff"])]
     for name, v in times.items():
         details.append(f"{name:20s} {spread(v)}  x{med[name] / med['nonprivate']:.2f} of the non-private step, "
                        f"memdiff/{name} = {med[name] / med['memdiff']:.2f}x")
@@ -382,6 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dp-batch", type=int, default=16)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-prompts", type=int, default=16, help="prompts per batch of memdiff's scan (its default)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="train: also time memdiff with training.channels_last on (an opt-in; not the headline)")
     for name in ("rounds", "calls", "dp-rounds", "dp-calls", "scan-rounds", "scan-prompts", "planted-steps", "bootstrap"):
         p.add_argument(f"--{name}", type=int, default=None)
     args = settings(p.parse_args(argv))

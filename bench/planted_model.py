@@ -18,7 +18,7 @@ import torch
 
 from bench.train_step import MemdiffTrainStep
 from data_pipeline.config_schema import build
-from data_pipeline.dataset import PreparedData, prepare_dataset
+from data_pipeline.dataset import PreparedData, data_config, prepare_dataset
 from data_pipeline.loaders import make_loader
 from engine.audit.planted_truth import describe_manifest, prompt_groups
 from engine.diffusion.schedule import NoiseSchedule
@@ -39,11 +39,11 @@ def demo_unet_config(vocab_size: int = 128, image_size: int = 32) -> UNetConfig:
 def planted_data(work_dir: str, *, images: int, planted_k: int, copies: int, image_size: int = 32,
                  seed: int = 0) -> PreparedData:
     """A synthetic set with planted duplicates under `work_dir` (generated, cached and split there)."""
-    return prepare_dataset({"format": "synthetic", "root": os.path.join(work_dir, "synthetic"),
-                            "image_size": image_size, "synthetic_images": images, "synthetic_width": 64,
-                            "synthetic_seed": seed, "cache_dir": os.path.join(work_dir, "cache"),
-                            "planted": {"k": planted_k, "copies": copies, "seed": seed}},
-                           os.path.join(work_dir, "run"), progress=False)
+    cfg = data_config({"format": "synthetic", "root": os.path.join(work_dir, "synthetic"), "image_size": image_size,
+                       "synthetic_images": images, "synthetic_width": 64, "synthetic_seed": seed,
+                       "cache_dir": os.path.join(work_dir, "cache"),
+                       "planted": {"k": planted_k, "copies": copies, "seed": seed}})
+    return prepare_dataset(cfg, os.path.join(work_dir, "run"), progress=False)
 
 
 @dataclass

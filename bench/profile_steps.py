@@ -56,10 +56,13 @@ def _phases() -> list[tuple[object, str]]:
         (dp_sgd.DPSGD.backward, "DP: DPSGD.backward (all of the private backward)"),
         (dp_sgd._vmap_clipped_sum, "DP: torch.func per-sample gradients (_vmap_clipped_sum)"),
         (dp_clip.PerSampleNormHooks.clipped_backward, "DP: PerSampleNormHooks.clipped_backward"),
-        (dp_clip.PerSampleNormHooks.sq_norms, "DP:   norm pass (sq_norms: autograd.grad + rules)"),
+        (dp_clip.PerSampleNormHooks._norm_pass, "DP:   norm pass (autograd.grad to layer outputs + rules)"),
         (dp_clip.PerSampleNormHooks._layer_sq_norms, "DP:   per-layer norm rules"),
-        (dp_clip.conv2d_weight_sq_norms, "DP:     conv rule (unfold + per-sample product)"),
+        (dp_clip.conv2d_weight_sq_norms, "DP:     conv rule (patches or grouped, per-sample product)"),
+        (dp_clip.conv_patches, "DP:       of which conv patches (strided-view copy)"),
+        (dp_clip.conv2d_per_sample_weight_grads, "DP:     grouped conv rule (per-sample weight gradients, kept)"),
         (dp_clip.linear_weight_sq_norms, "DP:     linear rule"),
+        (dp_clip.layer_param_grads, "DP:   clipped sum layer by layer (book-keeping)"),
         (dp_clip.add_noise_and_scale_, "DP: add_noise_and_scale_ (Philox noise, scale)"),
         (detect, "scan: detect"),
         (sample, "scan: sample"),
@@ -144,7 +147,7 @@ def dp_cases():
     x0, tokens, _ = fixed_batch(b, cfg.image_size, vocab, seed=1)
     schedule = NoiseSchedule("linear", 1000)
     loss_fn = diffusion_loss_fn(schedule)
-    for method in ("auto", "vmap"):
+    for method in ("ghost", "vmap"):   # the two exact paths ('auto' runs the faster of them)
         torch.manual_seed(0)
         model = ConditionalUNet(cfg).train()
         dp = DPSGD(model, DPConfig(enabled=True, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=b,

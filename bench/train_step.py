@@ -20,13 +20,17 @@ class MemdiffTrainStep:
 
     `compute_dtype` bfloat16 runs the network under torch.autocast (the trainer casts x_t to the
     DeepSpeed bf16 engine's dtype instead; on CUDA both run the convolutions and matmuls in bf16).
+    `channels_last` is the trainer's `training.channels_last`: the model converted here, x_t by the loss.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: NoiseSchedule,
                  x0: torch.Tensor, tokens: torch.Tensor, null_tokens: torch.Tensor, *, p_uncond: float = 0.5,
                  seed: int = 0, parameterization: str = "eps", min_snr_gamma: float | None = None,
-                 compute_dtype: torch.dtype = torch.float32, forward=None) -> None:
+                 compute_dtype: torch.dtype = torch.float32, forward=None, channels_last: bool = False) -> None:
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)   # in place, as the trainer does
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.channels_last = channels_last
         self.forward = forward if forward is not None else model
         self.x0, self.tokens = x0, tokens   # null_tokens: kept for callers; the loss draws its own null prompt
         self.p_uncond, self.seed, self.param, self.gamma = p_uncond, seed, parameterization, min_snr_gamma
@@ -47,7 +51,7 @@ class MemdiffTrainStep:
         seed = step_seed(self.seed, self.micro_step, 0)
         self.micro_step += 1
         out = micro_batch_loss(self._network, x0, tokens, self.schedule, seed=seed, parameterization=self.param,
-                               min_snr_gamma=self.gamma, p_uncond=self.p_uncond)
+                               min_snr_gamma=self.gamma, p_uncond=self.p_uncond, channels_last=self.channels_last)
         loss = out.per_sample.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,8 +11,6 @@ Variants and what each would change if adopted:
   randn_noise     eps (training) / the DP noise drawn by torch.randn from a generator seeded with the
                   step's seed instead of the Philox reference: another random stream on the CPU (the
                   CUDA kernels keep Philox), so CPU runs stop matching GPU runs draw for draw
-  fast_philox     the Philox reference with one wrapping int64 product per 32-bit multiply instead of
-                  four 16-bit half products: the same numbers (checked bit for bit here first)
   channels_last   the model and x_t in channels-last memory format (training.channels_last exists)
   fused_adamw     torch.optim.AdamW(fused=True) on the CPU: the same update up to rounding
   bf16            the network under CPU bf16 autocast: different rounding, a different model
@@ -31,20 +29,12 @@ import torch  # noqa: E402
 
 import kernels.dp_clip as dp_clip  # noqa: E402
 import kernels.noising as noising  # noqa: E402
-import kernels.philox as philox  # noqa: E402
 from bench.measure import interleaved, machine, median  # noqa: E402
 from bench.peers import demo_unet_config, dp_step_cases, fixed_batch, say  # noqa: E402
 from bench.train_step import MemdiffTrainStep  # noqa: E402
 from data_pipeline.vocab import Vocabulary  # noqa: E402
 from engine.diffusion.schedule import NoiseSchedule  # noqa: E402
 from engine.model.unet import ConditionalUNet  # noqa: E402
-
-
-def _mulhilo_wrapping(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) of a * b for uint32 values held in int64: the int64 product wraps modulo 2^64, which
-    leaves the 64 bits of the unsigned product intact; an arithmetic shift then a mask gives hi."""
-    p = b * a
-    return (p >> 32) & 0xFFFFFFFF, p & 0xFFFFFFFF
 
 
 def _randn_like_torch(seed: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -62,8 +52,6 @@ def patched(variant: str):
     if variant == "randn_noise":
         swap(noising, "noise_for", lambda x0, seed: _randn_like_torch(seed, torch.empty(x0.shape, dtype=torch.int64)))
         swap(dp_clip, "randn_like_triton", _randn_like_torch)
-    elif variant == "fast_philox":
-        swap(philox, "_mulhilo", _mulhilo_wrapping)
     try:
         yield
     finally:
@@ -76,18 +64,6 @@ def with_patch(variant: str, step):
         with patched(variant):
             step()
     return run
-
-
-def check_fast_philox() -> str:
-    """The wrapping product must give the reference's numbers bit for bit."""
-    offsets = torch.randint(0, 2**40, (1 << 16,), dtype=torch.int64)
-    seed = 0x1234_5678_9ABC
-    ref = philox.randn_like_triton(seed, offsets)
-    with patched("fast_philox"):
-        fast = philox.randn_like_triton(seed, offsets)
-    if not torch.equal(ref, fast):
-        raise AssertionError("fast_philox: the wrapping product changed the Philox stream")
-    return "fast_philox: bit-identical to the reference on 65,536 offsets"
 
 
 def paired(base, peer_name: str, peer, variants: dict, rounds: int, calls: int, batch: int, title: str) -> None:
@@ -122,8 +98,7 @@ def train_variants(rounds: int, calls: int) -> None:
     torch.manual_seed(0)
     peer_model = DiffusersPair(cfg).train()
     peer = DiffusersTrainStep(peer_model, torch.optim.AdamW(peer_model.parameters(), lr=1e-3), x0, tokens, null)
-    variants = {"randn_noise": with_patch("randn_noise", memdiff()), "fast_philox": with_patch("fast_philox", memdiff()),
-                "channels_last": memdiff(channels_last=True), "fused_adamw": memdiff(fused=True),
+    variants = {"randn_noise": with_patch("randn_noise", memdiff()), "channels_last": memdiff(channels_last=True), "fused_adamw": memdiff(fused=True),
                 "bf16": memdiff(dtype=torch.bfloat16),
                 "randn+fused+channels_last": with_patch("randn_noise", memdiff(channels_last=True, fused=True))}
     paired(memdiff(), "diffusers", peer, variants, rounds, calls, b, "train step (demo U-Net, batch 32, 32 px)")
@@ -136,11 +111,9 @@ def dp_variants(rounds: int, calls: int) -> None:
         return dp_step_cases(cfg, 16, opacus_variants=opacus)[0][name]
     variants = {"nonprivate": fresh("nonprivate"), "vmap": fresh("memdiff_torch_func"),
                 "randn_noise": with_patch("randn_noise", fresh("memdiff")),
-                "fast_philox": with_patch("fast_philox", fresh("memdiff")),
-                "vmap+randn_noise": with_patch("randn_noise", fresh("memdiff_torch_func")),
-                "vmap+fast_philox": with_patch("fast_philox", fresh("memdiff_torch_func"))}
+                "vmap+randn_noise": with_patch("randn_noise", fresh("memdiff_torch_func"))}
     paired(fresh("memdiff"), "opacus_hooks", fresh("opacus_hooks", ("opacus_hooks",)), variants, rounds, calls, 16,
-           "DP step (demo U-Net, batch 16, 32 px, norm hooks unless 'vmap')")
+           "DP step (demo U-Net, batch 16, 32 px; memdiff = dp.norm_method auto, 'vmap' = torch.func configured)")
 
 
 def main() -> None:
@@ -154,7 +127,6 @@ def main() -> None:
     m = machine()
     print(f"{m['cpu']}, {m['cores']} cores, load average {m['load_average_1_5_15']}, {args.threads} thread(s), "
           f"torch {torch.__version__}, {m['date']}")
-    print(check_fast_philox())
     if "train" in args.only:
         train_variants(args.rounds, args.calls)
     if "dp" in args.only:

@@ -6,6 +6,7 @@ lowest layer that writes files, and engine and tools import it from here.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -44,6 +45,21 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) ->
 
 def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
     return write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise OSError naming `folder` unless files can be created in it, or, when it does not exist
+    yet, in its nearest existing parent (where it would be made). Called before long work, so an
+    unwritable output fails in seconds, not after hours; nothing is written by the check."""
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a folder", str(path))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot write into {existing}" if existing != path
+                              else "Permission denied", str(path))
 
 
 def _plain(value: Any) -> Any:

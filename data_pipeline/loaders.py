@@ -177,22 +177,41 @@ def dali_loader(split: SplitData, batch_size: int, *, seed: int, rank: int = 0, 
         step += 1
 
 
+def choose_backend(backend: str, device: str) -> tuple[str, str]:
+    """("dali" | "torch", why) for a `training.loader` setting and the training device.
+
+    "auto" takes DALI only on CUDA (where its augmentation runs on the GPU) and when it loads; on
+    the CPU the PyTorch path: with augmentation it delivered 1.0-2.2x the images/s of DALI's CPU
+    pipeline at 32 and 64 px in the side-by-side runs (bench/RESULTS.md), never less, and over 100x
+    what training consumes. "dali" that cannot load is an error.
+    """
+    if backend not in ("auto", "dali", "torch"):
+        raise ValueError(f"loader.backend: {backend!r} is not auto, dali or torch")
+    if backend == "torch":
+        return "torch", "loader: torch"
+    ok, why = dali_available()
+    if backend == "dali":
+        if not ok:
+            raise RuntimeError(f"loader.backend: DALI requested but it cannot be loaded ({why})")
+        return "dali", "loader: dali"
+    if torch.device(device).type != "cuda":
+        return "torch", "loader auto: the PyTorch path on the CPU (faster there than DALI's CPU pipeline)"
+    if not ok:
+        return "torch", f"loader auto: DALI unavailable ({why}); using the PyTorch path"
+    return "dali", "loader auto: DALI on CUDA"
+
+
 def make_loader(split: SplitData, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                 start_step: int = 0, augment: AugmentConfig | None = None, backend: str = "auto",
                 device: str = "cpu") -> Iterator[Batch]:
     """Infinite iterator of (images [-1, 1] [B,1,S,S], tokens int64 [B,L], index int64 [B]).
 
-    backend: "dali", "torch", or "auto" (DALI when it loads, else torch, with one log line).
+    backend: "dali", "torch", or "auto" (see choose_backend: DALI on CUDA when it loads, else
+    torch, with one log line).
     """
-    if backend not in ("auto", "dali", "torch"):
-        raise ValueError(f"loader.backend: {backend!r} is not auto, dali or torch")
+    chosen, why = choose_backend(backend, device)
+    log.info("%s", why)
     kwargs = dict(seed=seed, rank=rank, world_size=world_size, start_step=start_step, augment=augment, device=device)
-    if backend == "torch":
-        return torch_loader(split, batch_size, **kwargs)
-    ok, why = dali_available()
-    if not ok:
-        if backend == "dali":
-            raise RuntimeError(f"loader.backend: DALI requested but it cannot be loaded ({why})")
-        log.info("DALI unavailable (%s); using the PyTorch DataLoader path", why)
+    if chosen == "torch":
         return torch_loader(split, batch_size, **kwargs)
     return dali_loader(split, batch_size, **kwargs)

@@ -33,7 +33,7 @@ from PIL import Image
 from .cache import open_gray
 from .config_schema import REQUIRED, ConfigSection, FieldError, constrained, to_jsonable
 from .images import read_png, write_png
-from .keyed_random import keyed_rng, keyed_seed
+from .keyed_random import keyed_rng
 from .prompts import parts_for, prompt_for
 from .records import XrayRecord
 

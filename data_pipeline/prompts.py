@@ -78,6 +78,11 @@ def prompt_for(record: XrayRecord) -> str:
     return parts_for(record).text()
 
 
+def _echo(text: str, limit: int = 80) -> str:
+    """Input quoted in an error, capped: a prompt can be megabytes long."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def parse_prompt(text: str) -> PromptParts:
     """Parse a prompt written by `prompt_for` (or edited by hand in the same format)."""
     text = text.strip()
@@ -91,7 +96,7 @@ def parse_prompt(text: str) -> PromptParts:
         if not item:
             if i == 0 and not head.strip():
                 continue
-            raise ValueError(f"prompt {text!r}: empty item in the header")
+            raise ValueError(f"prompt {_echo(text)}: empty item in the header")
         if item.endswith(_HEADER) and i == 0:
             for word in item[: -len(_HEADER)].split():
                 if word in VIEWS:
@@ -99,13 +104,13 @@ def parse_prompt(text: str) -> PromptParts:
                 elif word in PROJECTIONS:
                     projections.append(word)
                 else:
-                    raise ValueError(f"prompt {text!r}: unknown view/projection word {word!r}")
+                    raise ValueError(f"prompt {_echo(text)}: unknown view/projection word {_echo(word)}")
         elif item in SEXES:
             sexes.append(item)
         elif item in AGES:
             ages.append(item)
         else:
-            raise ValueError(f"prompt {text!r}: unknown header item {item!r}")
+            raise ValueError(f"prompt {_echo(text)}: unknown header item {_echo(item)}")
     if colon:
         for item in (p.strip() for p in conditions_text.split(",")):
             if item in CANONICAL_FINDINGS:
@@ -113,6 +118,6 @@ def parse_prompt(text: str) -> PromptParts:
             elif item.startswith(UNCERTAIN_PREFIX) and item[len(UNCERTAIN_PREFIX):] in CANONICAL_FINDINGS:
                 uncertain.append(item[len(UNCERTAIN_PREFIX):])
             elif item:
-                raise ValueError(f"prompt {text!r}: unknown finding {item!r}")
+                raise ValueError(f"prompt {_echo(text)}: unknown finding {_echo(item)}")
     return PromptParts(tuple(views), tuple(projections), tuple(sexes), tuple(ages),
                        tuple(findings), tuple(uncertain), extra)

@@ -96,7 +96,7 @@ class Vocabulary:
         try:
             return self._ids[token]
         except KeyError:
-            raise ValueError(f"vocabulary: unknown token {token!r}") from None
+            raise ValueError(f"vocabulary: unknown token {token[:40]!r}{'...' if len(token) > 40 else ''}") from None
 
     def kind_of(self, token: str) -> str:
         return self.token_kinds[self.id_of(token)]

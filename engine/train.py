@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import click  # noqa: E402
 
+from engine.cli import one_line  # noqa: E402
 from engine.training.config import ConfigError, load_config  # noqa: E402
 
 
@@ -51,16 +52,6 @@ def main(config_path: str, overrides: tuple[str, ...], resume: str, stop_at: int
         if os.environ.get("RANK", "0") == "0":
             click.echo(f"error: {one_line(exc)}", err=True)
         sys.exit(3)
-
-
-def one_line(exc: BaseException, limit: int = 600) -> str:
-    """The message on one line, capped: a message may echo input (a row, a token) of any length."""
-    if isinstance(exc, OSError) and exc.filename is not None:
-        text = f"{exc.filename}: {exc.strerror or exc}"
-    else:
-        text = str(exc) or type(exc).__name__
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -9,22 +9,29 @@ the gradient B_i of its output, for each sample i.
                [P, Q] tile in registers and reduces its squares in the epilogue: nothing [B, P, Q] is stored
       ghost    sum((A_i A_i^T) * (B_i B_i^T))                       O(T^2 (P + Q)), memory B T^2
       "auto" takes the cheaper of direct and ghost for the layer's shapes.
-  Conv2d  the same with A_i = unfold(x_i)^T [L, C_in k k] (im2col), B_i = grad_out_i [L, C_out]
+  Conv2d  the same with A_i = the input's patches [L, C_in k k] (im2col, from a strided view of the
+          padded input), B_i = grad_out_i [L, C_out]; or
+      grouped  the per-sample weight gradients from the convolution's own weight gradient with the
+               batch as groups (no patch matrix), squared and summed    O(T P Q), memory B x |W|
   bias    ||sum_t B_i[t]||^2
   GroupNorm / LayerNorm   per-sample sums of grad * x_hat (weight) and grad (bias), x_hat recomputed
   Embedding               sum_{s,t} [tok_s == tok_t] <B_s, B_t>  (rows hit by repeated tokens add up)
 
 `PerSampleNormHooks(model)` records the inputs/outputs of every supported layer during the forward
 pass and `clipped_backward(per_sample_loss, clip_norm)` runs (1) one backward to the layer outputs
-only (no parameter gradients formed) to get the norms, (2) the re-weighted backward of
-sum_i c_i loss_i with c_i = min(1, C / (||g_i|| + 1e-6)), leaving sum_i c_i g_i in .grad.
-`add_noise_and_scale_` then adds N(0, sigma^2 C^2) and divides by the expected batch size in one
-pass per gradient tensor.
+only (no parameter gradients formed) to get the norms, (2) sum_i c_i g_i with c_i = min(1, C /
+(||g_i|| + 1e-6)) layer by layer from the same activations and output gradients ("book-keeping"):
+each layer's parameter gradient is a sum over samples of a function of (A_i, B_i) that is linear in
+B_i, so scaling row i of B by c_i gives that layer's gradient of sum_i c_i loss_i exactly, without a
+second backward through the network. Which exact rule each Linear/Conv2d weight uses is measured
+on the first norm pass (method "measured", the default). `add_noise_and_scale_` then adds
+N(0, sigma^2 C^2) and divides by the expected batch size in one pass per gradient tensor.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import time
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +51,11 @@ def _alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every kernel output buffer comes from here (tests swap in a NaN-filled one to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
-METHODS = ("auto", "direct", "ghost")
+METHODS = ("auto", "direct", "ghost")                  # rules of linear_weight_sq_norms
+CONV_METHODS = METHODS + ("grouped",)                   # rules of conv2d_weight_sq_norms
+HOOK_METHODS = ("measured",) + CONV_METHODS             # what PerSampleNormHooks takes
+MEASURE_WITHIN = 4.0    # "measured" times the rules within this factor of the fewest multiply-adds
+KEEP_BYTES = 256 << 20  # per-sample gradients a rule forms anyway, kept for the clipped sum (in all)
 _REF_CHUNK_ELEMS = 1 << 26    # bound the reference's per-chunk [b, P, Q] / [b, T, T] temporaries
 
 
@@ -229,13 +240,75 @@ def linear_weight_sq_norms(a: torch.Tensor, b: torch.Tensor, method: str = "auto
     return ghost_sq_norms_reference(a.to(cdt).reshape(-1, t, p), b.to(cdt).reshape(-1, t, q))
 
 
+def conv_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """F.unfold(x) [B, C_in k k, L] for the conv's kernel, stride, dilation and (zero) padding, copied
+    once out of a strided view of the padded input (as Opacus does): on this project's CPU,
+    aten::im2col took 20% of a DP step's operator time and this copy about a third of that."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    n, c, h, w = xp.shape
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_c, s_h, s_w = xp.stride()
+    view = xp.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw),
+                         xp.storage_offset())
+    return view.reshape(n, c * kh * kw, ho * wo)
+
+
+def conv2d_per_sample_weight_grads(x: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d,
+                                   rows_per_sample: int = 1) -> torch.Tensor:
+    """dL_i/dW [B, C_out, C_in, kh, kw] (fp32/fp64) of a groups=1 Conv2d: the convolution's own weight
+    gradient with the batch rows as groups, a sample's K rows summed."""
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    n, c_in, c_out = x.shape[0], x.shape[1], grad_out.shape[1]
+    per_row = torch.nn.grad.conv2d_weight(
+        x.to(cdt).reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in, *conv.kernel_size),
+        grad_out.to(cdt).reshape(1, n * c_out, *grad_out.shape[2:]), conv.stride, conv.padding, conv.dilation,
+        groups=n)                                           # [B*K*C_out, C_in, kh, kw]
+    return per_row.reshape(n // rows_per_sample, rows_per_sample, c_out, c_in, *conv.kernel_size).sum(dim=1)
+
+
 def conv2d_weight_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, conv: nn.Conv2d, method: str = "auto",
                            rows_per_sample: int = 1) -> torch.Tensor:
-    """Per-sample ||dL_i/dW||^2 of a groups=1 Conv2d from its input x and output gradient (im2col).
-    With rows_per_sample K, rows i*K .. i*K+K-1 belong to sample i: their patches are one sample's."""
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    """Per-sample ||dL_i/dW||^2 of a groups=1 Conv2d from its input x and output gradient.
+    With rows_per_sample K, rows i*K .. i*K+K-1 belong to sample i: their patches are one sample's.
+    method: "direct" / "ghost" on the patch matrix (im2col), "auto" the cheaper of the two,
+    "grouped" the per-sample weight gradients themselves (one grouped weight-gradient convolution)."""
+    if method not in CONV_METHODS:
+        raise ValueError(f"conv2d_weight_sq_norms: method {method!r} not in {CONV_METHODS}")
+    if method == "grouped":
+        return conv2d_per_sample_weight_grads(x, grad_out, conv, rows_per_sample).flatten(1).square().sum(dim=1)
+    cols = conv_patches(x, conv)                                 # [B*K, C_in k k, L]
     g = grad_out.flatten(2)                                      # [B*K, C_out, L]
     return linear_weight_sq_norms(cols.transpose(1, 2), g.transpose(1, 2), method, rows_per_sample)
+
+
+def weight_rule_costs(module: nn.Module, x: torch.Tensor, g: torch.Tensor, rows_per_sample: int) -> dict[str, int]:
+    """Multiply-adds per sample of every exact rule for a Linear or Conv2d weight ({"outer": ...}
+    alone when a Linear has one position per sample)."""
+    if isinstance(module, nn.Linear):
+        p, q = x.shape[-1], g.shape[-1]
+        t = x.numel() // max(x.shape[0] * p, 1) * rows_per_sample
+        if t == 1:
+            return {"outer": p + q}
+        return {"direct": t * p * q, "ghost": t * t * (p + q)}
+    p = x.shape[1] * module.kernel_size[0] * module.kernel_size[1]
+    q, t = g.shape[1], g.shape[2] * g.shape[3] * rows_per_sample
+    return {"direct": t * p * q, "grouped": t * p * q, "ghost": t * t * (p + q)}
+
+
+def fastest(candidates: dict[str, Callable[[], object]], device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Seconds per call of each candidate (the minimum over `repeats` interleaved calls: the first
+    call's one-off costs and other jobs' interference only ever add time)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    best = {name: math.inf for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def bias_sq_norms(grad_out: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -293,19 +366,33 @@ class PerSampleNormHooks:
         add_noise_and_scale_(grads, noise_multiplier, clip_norm, expected_batch_size, seed)
 
     Every layer owning trainable parameters must be Linear, Conv2d (groups=1, numeric padding,
-    zeros padding mode), GroupNorm, LayerNorm or Embedding, must be called once per forward and
-    with the batch as dim 0 of its input (a position Embedding called on [L] indices must be fed
-    `positions.expand(B, L)` instead).
+    zeros padding mode), GroupNorm, LayerNorm or Embedding (no max_norm, sparse or
+    scale_grad_by_freq), must be called once per forward and with the batch as dim 0 of its input
+    (a position Embedding called on [L] indices must be fed `positions.expand(B, L)` instead), and
+    its parameters must be used only by its own forward.
+
+    method: "measured" (default) times the exact rules of each Linear/Conv2d weight within
+    MEASURE_WITHIN of the fewest multiply-adds on the layer's first norm pass and keeps the fastest
+    (`self.plan`, `self.plan_seconds`); "auto" the fewest multiply-adds; "direct" / "ghost" /
+    "grouped" that rule wherever it applies (grouped: Conv2d only; Linear layers then take "auto").
+    Every rule is exact: the choice changes floating-point summation order, nothing else.
+    The per-sample weight gradients the "grouped" rule forms are kept (up to `keep_bytes` in all)
+    and give that layer's clipped sum as sum_i c_i G_i, instead of a second weight-gradient pass.
     """
 
-    def __init__(self, model: nn.Module, method: str = "auto", rows_per_sample: int = 1) -> None:
-        if method not in METHODS:
-            raise ValueError(f"PerSampleNormHooks: method {method!r} not in {METHODS}")
+    def __init__(self, model: nn.Module, method: str = "measured", rows_per_sample: int = 1,
+                 keep_bytes: int = KEEP_BYTES) -> None:
+        if method not in HOOK_METHODS:
+            raise ValueError(f"PerSampleNormHooks: method {method!r} not in {HOOK_METHODS}")
         if not (isinstance(rows_per_sample, int) and rows_per_sample >= 1):
             raise ValueError(f"PerSampleNormHooks: rows_per_sample must be an integer >= 1, got {rows_per_sample!r}")
         self.method = method
         self.rows = rows_per_sample   # K consecutive batch rows per sample (DP noise multiplicity)
         self.model = model
+        self.plan: dict[str, str] = {}                        # layer label -> weight rule ("measured")
+        self.plan_seconds: dict[str, dict[str, float]] = {}   # layer label -> seconds of each rule timed
+        self.keep_bytes = keep_bytes
+        self._kept: dict[str, torch.Tensor] | None = None     # label -> per-sample weight gradients (one pass)
         self._records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
         self._in_backward = False
         self._handles = []
@@ -327,8 +414,11 @@ class PerSampleNormHooks:
                 raise ValueError(f"PerSampleNormHooks: conv '{label}' needs groups=1, numeric padding and "
                                  f"padding_mode='zeros' (got groups={module.groups}, padding={module.padding!r}, "
                                  f"padding_mode={module.padding_mode!r})")
-            if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
-                raise ValueError(f"PerSampleNormHooks: embedding '{label}' with max_norm/sparse is not supported")
+            if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse
+                                                     or module.scale_grad_by_freq):
+                # scale_grad_by_freq divides by counts over the whole batch: not a sum of per-sample gradients
+                raise ValueError(f"PerSampleNormHooks: embedding '{label}' with max_norm/sparse/scale_grad_by_freq "
+                                 f"is not supported")
             self.params.extend(p for _, p in own)
             self._handles.append(module.register_forward_hook(self._make_hook(label)))
 
@@ -350,6 +440,27 @@ class PerSampleNormHooks:
         """Forget what the last forward recorded (e.g. after a forward that is not trained on)."""
         self._records.clear()
 
+    def _weight_sq_norms(self, module, x, g, rule: str) -> torch.Tensor:
+        if isinstance(module, nn.Linear):
+            return linear_weight_sq_norms(x, g, "auto" if rule in ("grouped", "outer") else rule, self.rows)
+        return conv2d_weight_sq_norms(x, g, module, rule, self.rows)
+
+    def _weight_rule(self, label, module, x, g) -> str:
+        """The rule of this layer's weight: fixed by `method`, or measured once per layer."""
+        if self.method != "measured":
+            return self.method
+        if label not in self.plan:
+            costs = weight_rule_costs(module, x, g, self.rows)
+            cheapest = min(costs.values())
+            rules = [r for r, c in costs.items() if c <= MEASURE_WITHIN * cheapest]
+            if len(rules) == 1:
+                self.plan[label] = rules[0]
+            else:
+                seconds = fastest({r: (lambda r=r: self._weight_sq_norms(module, x, g, r)) for r in rules}, x.device)
+                self.plan_seconds[label] = seconds
+                self.plan[label] = min(seconds, key=seconds.get)
+        return self.plan[label]
+
     def _layer_sq_norms(self, label, module, x, g) -> torch.Tensor:
         """Per-sample squared norm of one layer's parameter gradients. A sample's K rows are folded
         into its position axis: its gradient is the sum over rows and positions alike."""
@@ -361,12 +472,17 @@ class PerSampleNormHooks:
         def fold_last(t: torch.Tensor) -> torch.Tensor:   # [B*K, ..., D] -> [B, K*..., D]
             return t.reshape(bsz, -1, t.shape[-1])
 
-        if isinstance(module, nn.Linear):
-            total = linear_weight_sq_norms(x, g, self.method, self.rows) if w is not None else 0.0
-            return total + (bias_sq_norms(fold_last(g), -1) if bias is not None else 0.0)
-        if isinstance(module, nn.Conv2d):
-            total = conv2d_weight_sq_norms(x, g, module, self.method, self.rows) if w is not None else 0.0
-            return total + (bias_sq_norms(fold_last(g.movedim(1, -1)), -1) if bias is not None else 0.0)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            rule = self._weight_rule(label, module, x, g) if w is not None else None
+            if rule == "grouped" and isinstance(module, nn.Conv2d) and self._kept is not None:
+                per_sample = conv2d_per_sample_weight_grads(x, g, module, self.rows)
+                if sum(t.nbytes for t in self._kept.values()) + per_sample.nbytes <= self.keep_bytes:
+                    self._kept[label] = per_sample
+                total = per_sample.flatten(1).square().sum(dim=1)
+            else:
+                total = self._weight_sq_norms(module, x, g, rule) if w is not None else 0.0
+            g_last = g if isinstance(module, nn.Linear) else g.movedim(1, -1)
+            return total + (bias_sq_norms(fold_last(g_last), -1) if bias is not None else 0.0)
         if isinstance(module, nn.GroupNorm):
             x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
             return norm_layer_sq_norms(fold_last(x_hat.movedim(1, -1)), fold_last(g.movedim(1, -1)), 1,
@@ -379,8 +495,9 @@ class PerSampleNormHooks:
             return embedding_sq_norms(x.reshape(bsz, -1), fold_last(g), module.padding_idx)
         raise AssertionError(type(module))
 
-    def sq_norms(self, per_sample_loss: torch.Tensor, retain_graph: bool = True) -> torch.Tensor:
-        """Per-sample ||grad of loss_i wrt all trainable parameters||^2 [B] from the recorded forward."""
+    def _norm_pass(self, per_sample_loss: torch.Tensor, retain_graph: bool):
+        """(per-sample squared norms [B], [(label, module, input, output gradient)] of every layer
+        reached by the loss) from one backward to the recorded layer outputs."""
         records, self._records = self._records, []
         if not records:
             raise RuntimeError("PerSampleNormHooks: no layer was recorded; run the forward pass with grad enabled")
@@ -405,23 +522,88 @@ class PerSampleNormHooks:
             self._in_backward = False
         cdt = torch.promote_types(per_sample_loss.dtype, torch.float32)
         total = torch.zeros(bsz, dtype=cdt, device=per_sample_loss.device)
+        layers = []
         with torch.no_grad():
             for (label, module, x, _), g in zip(records, grads):
                 if g is not None:
                     total += self._layer_sq_norms(label, module, x, g).to(cdt)
-        return total
+                    layers.append((label, module, x, g))
+        return total, layers
+
+    def sq_norms(self, per_sample_loss: torch.Tensor, retain_graph: bool = True) -> torch.Tensor:
+        """Per-sample ||grad of loss_i wrt all trainable parameters||^2 [B] from the recorded forward."""
+        return self._norm_pass(per_sample_loss, retain_graph)[0]
 
     def clipped_backward(self, per_sample_loss: torch.Tensor, clip_norm: float) -> torch.Tensor:
-        """Norm pass + re-weighted backward; .grad of every trainable parameter receives
-        sum_i c_i dloss_i/dparam. Returns the unclipped per-sample norms [B]."""
-        norms = self.sq_norms(per_sample_loss, retain_graph=True).sqrt()
-        factors = clip_factors(norms, clip_norm)
-        self._in_backward = True
+        """Norm pass, then each layer's gradient of sum_i c_i loss_i from its recorded input and its
+        output gradient with row i scaled by c_i (no second backward); .grad of every trainable
+        parameter receives sum_i c_i dloss_i/dparam. Returns the unclipped per-sample norms [B]."""
+        kept = self._kept = {}
         try:
-            (per_sample_loss * factors.to(per_sample_loss.dtype)).sum().backward()
+            total, layers = self._norm_pass(per_sample_loss, retain_graph=False)
         finally:
-            self._in_backward = False
+            self._kept = None
+        norms = total.sqrt()
+        factors = clip_factors(norms, clip_norm)
+        row_factors = factors.repeat_interleave(self.rows)
+        with torch.no_grad():
+            for label, module, x, g in layers:
+                scaled = g * row_factors.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1))
+                grads = layer_param_grads(module, x, scaled, weight=label not in kept)
+                if label in kept:
+                    grads.append((module.weight, torch.tensordot(factors.to(kept[label].dtype), kept.pop(label),
+                                                                 dims=1).to(module.weight.dtype)))
+                for param, grad in grads:
+                    param.grad = grad if param.grad is None else param.grad + grad
         return norms
+
+
+def layer_param_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor,
+                      weight: bool = True) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, gradient) of each trainable parameter of a supported layer, from its input x and
+    the gradient g of its output: what autograd's backward would add to .grad for this call
+    (weight=False: all but the weight's)."""
+    w = module.weight if weight and module.weight is not None and module.weight.requires_grad else None
+    bias = getattr(module, "bias", None)
+    bias = bias if bias is not None and bias.requires_grad else None
+    if w is None and bias is None:
+        return []
+    dtype = (w if w is not None else bias).dtype
+    out = []
+    if isinstance(module, nn.Embedding):
+        d = g.shape[-1]
+        grad = torch.zeros_like(w).index_add_(0, x.reshape(-1), g.reshape(-1, d).to(dtype))
+        if module.padding_idx is not None:
+            grad[module.padding_idx] = 0        # the padding row never receives a gradient
+        return [(w, grad)]
+    g, x = g.to(dtype), x.to(dtype)
+    if isinstance(module, nn.Linear):
+        g2 = g.reshape(-1, g.shape[-1])
+        if w is not None:
+            out.append((w, g2.t() @ x.reshape(-1, x.shape[-1])))
+        if bias is not None:
+            out.append((bias, g2.sum(dim=0)))
+        return out
+    if isinstance(module, nn.Conv2d):
+        if w is not None:
+            out.append((w, torch.nn.grad.conv2d_weight(x, module.weight.shape, g, module.stride, module.padding,
+                                                       module.dilation, groups=1)))
+        if bias is not None:
+            out.append((bias, g.sum(dim=(0, 2, 3))))
+        return out
+    if isinstance(module, nn.GroupNorm):
+        x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
+        dims = [0] + list(range(2, g.dim()))      # all but the channel dim
+    elif isinstance(module, nn.LayerNorm):
+        x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        dims = list(range(g.dim() - len(module.normalized_shape)))   # all but the normalized dims
+    else:
+        raise AssertionError(type(module))
+    if w is not None:
+        out.append((w, (g * x_hat).sum(dim=dims)))
+    if bias is not None:
+        out.append((bias, g.sum(dim=dims)))
+    return out
 
 
 # ----------------------------------------------------------------------------- clip + noise

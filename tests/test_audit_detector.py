@@ -60,8 +60,7 @@ def slow_reference(model, schedule, tokens, seed, generations, steps, guidance):
             eps = e_u + guidance * (e_c - e_u)
             a_t = float(abar[t])
             a_prev = float(abar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
-            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)   # eps kept
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     return raw
 

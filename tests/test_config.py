@@ -54,7 +54,7 @@ def test_cfg_and_nocfg_differ_only_in_guidance_training():
     (base(compile={"enabled": 1}), "x.json: compile.enabled: expected bool or null, got 1"),
     (base(logging={"sample_seeds": []}), "x.json: logging.sample_seeds: expected a non-empty list of ints >= 0, got []"),
     (base(model={**MODEL, "channel_mult": [1, "2"]}), 'x.json: model.channel_mult[1]: expected int, got "2"'),
-    (base(model={**MODEL, "image_size": 4}), "x.json: model.image_size: expected int >= 8, got 4"),
+    (base(model={**MODEL, "image_size": 4}), "x.json: model.image_size: expected int in [8, 4096], got 4"),
     (base(model={**MODEL, "widht": 3}), "x.json: model.widht: unknown key"),
     (base(diffusion={"schedule": "quadratic"}), "x.json: diffusion.schedule: expected one of"),
     (base(diffusion={"min_snr_gamma": -1}), "x.json: diffusion.min_snr_gamma: expected float > 0 or null, got -1"),

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline import loaders
 from data_pipeline.augment import AugmentConfig, augment_batch
 from data_pipeline.cache import decode_image, load_or_build_cache
 from data_pipeline.dataset import data_config, prepare_dataset
-from data_pipeline.loaders import IndexStream, dali_available, make_loader
+from data_pipeline.loaders import IndexStream, choose_backend, dali_available, make_loader
 from data_pipeline.synthetic import make_synthetic_chexpert
 
 NIH_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "nih-cxr14-sample")
@@ -139,6 +140,26 @@ def test_dali_and_torch_give_the_same_batches(prepared):
     plain = torch.from_numpy(train.images[i.numpy()]).float().unsqueeze(1) / 127.5 - 1
     assert (x - plain).abs().mean() > 0.02                      # the augmentation did something
     assert (x - y).abs().mean() < 1e-3 and (x - y)[..., 2:-2, 2:-2].abs().max() < 0.02
+
+
+def test_auto_loader_is_dali_only_on_cuda(prepared, monkeypatch):
+    """loader auto: the PyTorch path on the CPU even where DALI loads (it measured faster there);
+    DALI on CUDA when it loads, else torch; an explicit backend is kept, a missing DALI refused."""
+    monkeypatch.setattr(loaders, "dali_available", lambda: (True, ""))
+    assert choose_backend("auto", "cpu")[0] == "torch"
+    assert choose_backend("auto", "cuda:1")[0] == "dali"
+    assert choose_backend("dali", "cpu")[0] == "dali" and choose_backend("torch", "cuda")[0] == "torch"
+    train = prepared[0].splits["train"]
+    auto = make_loader(train, 5, seed=3, backend="auto", device="cpu")
+    assert auto.__name__ == "torch_loader"                 # not built: DALI would be dali_loader
+    for (x, t, i), (y, u, j) in zip(take(auto, 2), take(make_loader(train, 5, seed=3, backend="torch"), 2)):
+        assert torch.equal(x, y) and torch.equal(t, u) and torch.equal(i, j)
+    monkeypatch.setattr(loaders, "dali_available", lambda: (False, "ImportError: no DALI"))
+    assert choose_backend("auto", "cuda")[0] == "torch"
+    with pytest.raises(RuntimeError, match="DALI requested"):
+        choose_backend("dali", "cpu")
+    with pytest.raises(ValueError, match="loader.backend"):
+        choose_backend("gpu", "cpu")
 
 
 def test_sharding_partitions_each_global_batch():

@@ -191,8 +191,8 @@ def test_findings_learnable_despite_patient_variation():
     AUC would fall towards 0.5. Bar: 0.8 for all four (measured 2026-12-01: cardiomegaly 0.96,
     effusion 0.91, edema 0.98, support devices 0.94)."""
     import torch
-    from torch import nn
     from sklearn.metrics import roc_auc_score
+    from torch import nn
 
     x_train, y_train = one_finding_phantoms(150, seed=1)
     x_test, y_test = one_finding_phantoms(60, seed=2)

@@ -11,8 +11,12 @@ import pytest
 from PIL import Image
 
 from data_pipeline.cache import decode_image
-from data_pipeline.dataset_stats import (dataset_neighbour_stats, detect_format, nearest_neighbour_correlation,
-                                         sample_distinct)
+from data_pipeline.dataset_stats import (
+    dataset_neighbour_stats,
+    detect_format,
+    nearest_neighbour_correlation,
+    sample_distinct,
+)
 from data_pipeline.nih import NIH_COLUMNS, read_nih
 from data_pipeline.synthetic import make_synthetic_chexpert
 

@@ -148,7 +148,6 @@ def test_demo_refuses_a_bad_root_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "demo"), "--data", "nih", "--root",
                         str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
-    assert r.returncode != 0 and "nowhere: not a folder" in r.stderr
-    assert [line for line in r.stderr.splitlines() if line.startswith("Error")] == [
-        f"Error: {tmp_path / 'nowhere'}: not a folder"]
+    assert r.returncode == 2 and [line for line in r.stderr.splitlines() if line.startswith("error")] == [
+        f"error: {tmp_path / 'nowhere'}: not a folder"]
     assert not out.exists()

@@ -12,7 +12,6 @@ import torch
 
 from data_pipeline.dataset import data_config, prepare_dataset
 from data_pipeline.synthetic import make_synthetic_chexpert
-from data_pipeline.vocab import Vocabulary
 from engine.audit.dose_response import DoseResponseOptions, dose_response, snapshots
 from engine.audit.run_data import split_images
 from engine.diffusion.schedule import DiffusionConfig, NoiseSchedule

@@ -57,7 +57,7 @@ class Stack(nn.Module):
         return self.lin(self.ln(seq))
 
 
-@pytest.mark.parametrize("method", ["direct", "ghost", "auto"])
+@pytest.mark.parametrize("method", ["direct", "ghost", "auto", "grouped", "measured"])
 def test_layer_stack_matches_torch_func_float64(dp, method):
     gen = torch.Generator().manual_seed(fresh_seed())
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
@@ -69,6 +69,101 @@ def test_layer_stack_matches_torch_func_float64(dp, method):
     hooks = dp.PerSampleNormHooks(model, method)
     got = hooks.sq_norms(mse(model(x, tok)))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    if method == "measured":   # every Linear/Conv2d weight got a rule; only the close calls were timed
+        assert set(hooks.plan) == {"c1", "c2", "c3", "lin"}
+        for label, seconds in hooks.plan_seconds.items():
+            assert hooks.plan[label] == min(seconds, key=seconds.get) and len(seconds) >= 2
+
+
+@pytest.mark.parametrize("case", [dict(k=3, s=1, p=1, d=1), dict(k=3, s=2, p=2, d=2), dict(k=(1, 3), s=(2, 1), p=(0, 1), d=1),
+                                  dict(k=2, s=3, p=0, d=1), dict(k=3, s=1, p=3, d=3)])
+def test_conv_patches_equal_unfold(dp, case):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    conv = nn.Conv2d(3, 4, case["k"], stride=case["s"], padding=case["p"], dilation=case["d"])
+    base = torch.randn(5, 3, 11, 13, generator=gen)
+    for x in (base, base.contiguous(memory_format=torch.channels_last), base[1:4, :, 1:, 2:]):
+        want = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                                          stride=conv.stride)
+        assert torch.equal(dp.conv_patches(x, conv), want)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_conv_rules_match_torch_func_float64(dp, k):
+    """Every conv rule (patch matrix direct / ghost, grouped weight gradients) against torch.func,
+    with K rows per sample; stride, dilation and no bias."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=2, dilation=2, bias=False).double()
+    x = torch.randn(4 * k, 3, 9, 10, generator=gen, dtype=torch.float64)
+    per_row = per_sample_grads(conv, mse, (x,))["weight"]
+    want = per_row.reshape(4, k, -1).sum(1).square().sum(1)
+    out = conv(x)
+    grad_out = torch.autograd.grad(mse(out).sum(), out)[0]
+    for method in dp.CONV_METHODS:
+        got = dp.conv2d_weight_sq_norms(x, grad_out, conv, method, rows_per_sample=k)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0, msg=method)
+
+
+@pytest.mark.parametrize("method,keep", [("measured", True), ("ghost", True), ("grouped", True), ("grouped", False)])
+@pytest.mark.parametrize("k", [1, 2])
+def test_clipped_sum_without_second_backward_float64(dp, monkeypatch, method, keep, k):
+    """Book-keeping: .grad = sum_i c_i g_i built layer by layer from the recorded inputs and the
+    output gradients scaled per row, on every layer kind (strided/dilated conv, conv without bias,
+    GroupNorm, LayerNorm, Linear over tokens, Embedding with padding and repeated tokens), with K
+    rows per sample, against torch.func per-sample gradients clipped one by one. "grouped" keeps
+    its per-sample conv weight gradients for the clipped sum, or (keep_bytes 0) recomputes it."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = Stack().double()
+    b = 5
+    x = torch.randn(b, k, 2, 7, 9, dtype=torch.float64, generator=gen)
+    tok = torch.randint(0, 11, (b, 5), generator=gen)
+    tok[:, 1] = tok[:, 0]
+    tok[:, 4] = 0                                          # padding
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, xs, tk):
+            return self.m(xs.flatten(0, 1), tk.repeat_interleave(k, 0)).reshape(xs.shape[0], -1)
+
+    grouped = Grouped()
+    per = per_sample_grads(grouped, mse, (x, tok))
+    norms = sq_norms_of(per).sqrt()
+    clip = norms.median().item()
+    factors = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    assert (factors < 1).any() and (factors == 1).any()
+    hooks = dp.PerSampleNormHooks(model, method, rows_per_sample=k, keep_bytes=dp.KEEP_BYTES if keep else 0)
+    recomputed = []                                        # conv weights whose clipped sum was a second pass
+    real = dp.layer_param_grads
+    monkeypatch.setattr(dp, "layer_param_grads", lambda m, x, g, weight=True: (
+        recomputed.append(m) if weight and isinstance(m, nn.Conv2d) else None) or real(m, x, g, weight))
+    for p in model.parameters():                           # .grad accumulates, as backward() does
+        p.grad = torch.full_like(p, 0.5)
+    got_norms = hooks.clipped_backward(mse(grouped(x, tok)), clip)
+    torch.testing.assert_close(got_norms, norms, rtol=1e-10, atol=0)
+    for name, p in model.named_parameters():
+        want = (per["m." + name] * factors.reshape(-1, *[1] * p.dim())).sum(0) + 0.5
+        torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-12, msg=f"{name} seed {seed}")
+    if method == "grouped":                                # all three convs: kept, or recomputed when keep_bytes 0
+        assert len(recomputed) == (0 if keep else 3)
+
+
+def test_layer_grads_equal_autograd_backward(dp):
+    """Unclipped (c = 1), the layer-by-layer gradients are what loss.sum().backward() gives."""
+    torch.manual_seed(fresh_seed())
+    model = Stack().double()
+    x = torch.randn(4, 2, 7, 9, dtype=torch.float64)
+    tok = torch.randint(0, 11, (4, 5))
+    tok[:, 2] = 0
+    mse(model(x, tok)).sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    dp.PerSampleNormHooks(model, "auto").clipped_backward(mse(model(x, tok)), float("inf"))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-12, atol=1e-14, msg=n)
 
 
 def _engine_blocks():
@@ -211,6 +306,8 @@ def test_unsupported_and_misused_layers_raise(dp):
         dp.PerSampleNormHooks(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
     with pytest.raises(ValueError, match="groups=1"):
         dp.PerSampleNormHooks(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        dp.PerSampleNormHooks(nn.Embedding(5, 3, scale_grad_by_freq=True))
     shared = nn.Linear(3, 3)
     hooks = dp.PerSampleNormHooks(shared)
     x = torch.randn(2, 3)

@@ -35,8 +35,7 @@ def _independent_step(pred, x_t, noise, guidance, c, clip_x0):
     eps = eps_u + guidance * (eps_c - eps_u)
     x0 = (x - c["sqrt_1mab_t"] * eps) / c["sqrt_ab_t"]
     if clip_x0:
-        x0 = torch.clamp(x0, -1, 1)
-        eps = (x - c["sqrt_ab_t"] * x0) / c["sqrt_1mab_t"]
+        x0 = torch.clamp(x0, -1, 1)          # eps stays the network's (not re-derived from x0)
     x_prev = c["sqrt_ab_prev"] * x0 + c["sqrt_1mab_prev_dir"] * eps
     if c["sigma"] > 0:
         x_prev = x_prev + c["sigma"] * noise.double()

@@ -25,11 +25,11 @@ SEED, STEP, B = 7, 3, 6
 SCHEDULE = NoiseSchedule("linear", 100)
 
 
-def tiny_model() -> ConditionalUNet:
+def tiny_model(dropout: float = 0.0) -> ConditionalUNet:
     torch.manual_seed(0)
     cfg = UNetConfig(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(8,), num_heads=2, vocab_size=20, max_tokens=6, context_dim=16,
-                     encoder_layers=1, encoder_heads=2)
+                     encoder_layers=1, encoder_heads=2, dropout=dropout)
     model = ConditionalUNet(cfg).double()
     with torch.no_grad():  # zero-initialised output layers would make most per-sample gradients vanish
         for p in model.parameters():
@@ -86,13 +86,41 @@ def test_dp_gradient_matches_per_sample_reference(method, k):
     assert (ref_norms > clip).any() and (ref_norms < clip).any()
     dp = DPSGD(model, resolved(clip, k=k, method=method), seed=SEED)
     stats = dp.backward(diffusion_loss_fn(SCHEDULE), batch, STEP)
-    assert (dp.hooks is None) == (method == "vmap")   # ghost/auto stay on the hooks, K > 1 included
+    if method == "auto":   # the faster exact path on this model and batch, timed at the first step
+        seconds = dp.norm_seconds
+        assert set(seconds) == {"hooks", "torch_func"}
+        assert (dp.hooks is None) == (seconds["torch_func"] < seconds["hooks"])
+        assert stats["dp/norm_seconds_hooks"] == seconds["hooks"]
+    else:
+        assert (dp.hooks is None) == (method == "vmap")   # ghost stays on the hooks, K > 1 included
+    assert stats["dp/norms_by_hooks"] == float(dp.hooks is not None)
     assert stats["dp/batch_size"] == B
     assert stats["dp/grad_norm_mean"] == pytest.approx(float(ref_norms.mean()), rel=1e-5)
     for n, p in model.named_parameters():
         # per_sample_loss computes the MSE in float32, so batched and per-sample paths agree to ~1e-7
         expected = ref_sum[n] / B
         torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=n)
+
+
+def test_auto_norm_choice_changes_nothing_but_the_path():
+    """norm_method auto times both exact paths on the first batch, then runs the faster one. With
+    dropout on, the step's gradient and the global RNG state afterwards are those of the chosen path
+    run alone: the trial calls consumed no random numbers and left no gradient behind."""
+    loss_fn, batch = diffusion_loss_fn(SCHEDULE), make_batch()
+    runs = {}
+    for method in ("auto", None):
+        model = tiny_model(dropout=0.3)
+        if method is None:    # the path auto chose, configured directly
+            method = "vmap" if runs["auto"]["dp"].hooks is None else "ghost"
+        torch.manual_seed(11)
+        dp = DPSGD(model, resolved(clip=0.05, sigma=0.0, method=method), seed=SEED)
+        dp.backward(loss_fn, batch, STEP)
+        runs["auto" if "auto" not in runs else method] = {
+            "dp": dp, "rng": torch.get_rng_state(), "grads": {n: p.grad for n, p in model.named_parameters()}}
+    (auto, chosen), = [(runs["auto"], v) for k, v in runs.items() if k != "auto"]
+    assert torch.equal(auto["rng"], chosen["rng"])
+    for n, g in chosen["grads"].items():
+        torch.testing.assert_close(auto["grads"][n], g, rtol=1e-9, atol=1e-12, msg=n)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -10,8 +10,15 @@ from data_pipeline.config_schema import build
 from data_pipeline.planted import PlantedConfig, plant_duplicates
 from data_pipeline.prompts import prompt_for
 from data_pipeline.records import XrayRecord
-from engine.audit.planted_truth import (describe_manifest, hash_split, nearest_is_planted_by_cell, planted_entry,
-                                        prompt_group, prompt_split, prompt_splits)
+from engine.audit.planted_truth import (
+    describe_manifest,
+    hash_split,
+    nearest_is_planted_by_cell,
+    planted_entry,
+    prompt_group,
+    prompt_split,
+    prompt_splits,
+)
 
 
 def records(n=200):

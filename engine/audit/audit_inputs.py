@@ -21,16 +21,18 @@ class AuditInputs:
     copy_detector: object | None = None      # engine.audit.copy_detection.CopyDetector
     clip: object | None = None               # engine.audit.clip_embedding.ClipEmbedder
     label_classifier: object | None = None   # engine.audit.label_classifier.LabelClassifier
+    deepssim: object | None = None           # engine.audit.deepssim.DeepSSIM
 
     def models(self) -> dict:
         """The audit's models as keyword arguments of engine.audit.generation_audit.audit_generations."""
-        return {"copy_detector": self.copy_detector, "clip": self.clip, "label_classifier": self.label_classifier}
+        return {"copy_detector": self.copy_detector, "clip": self.clip, "label_classifier": self.label_classifier,
+                "deepssim": self.deepssim}
 
 
 def load_audit_inputs(run: str, *, prompts_file: str | None = None, need_prompts: bool = True,
                       heldout_split: str = "val", copy_detector: str | None = None, clip_model: str | None = None,
                       clip_weights: str | None = None, label_classifier: str | None = None,
-                      device: str = "cpu") -> AuditInputs:
+                      deepssim: str | None = None, device: str = "cpu") -> AuditInputs:
     """Manifest, prompts (`prompts_file`, else the run's training prompts when `need_prompts`), real
     images and the models given by directory or name (the learned models are imported only when asked
     for: open_clip is slow to import)."""
@@ -53,4 +55,7 @@ def load_audit_inputs(run: str, *, prompts_file: str | None = None, need_prompts
     if label_classifier:
         from engine.audit.label_classifier import load_label_classifier
         inputs.label_classifier = load_label_classifier(label_classifier, device)
+    if deepssim:
+        from engine.audit.deepssim import load_deepssim
+        inputs.deepssim = load_deepssim(deepssim, device)
     return inputs

@@ -3,9 +3,25 @@
 A ResNet-50 whose first convolution takes 1 channel and whose last layer maps 2048 -> 128, trained
 with NT-Xent (temperature 0.07): an image's positive is an augmented copy of itself (rotation of up to
 ±5 degrees and a left-right flip, each with p = 0.5); every other image of the batch and its copy are
-negatives. Adam 1e-4 with cosine decay; the checkpoint with the best validation loss is kept.
-Similarity is the Pearson correlation of the raw 128-d embeddings. The copy threshold is the 95th
-percentile, over training images, of each one's highest correlation to any validation image.
+negatives. Each image is rescaled to [0, 1] by its own minimum and maximum before anything else, as
+Dar et al. do. Adam 1e-4 with a cosine decay stepped once per epoch; the checkpoint with the best
+validation loss is kept. Similarity is the Pearson correlation of the raw 128-d embeddings. The copy
+threshold is the 95th percentile, over training images, of each one's highest correlation to any
+validation image.
+
+Dar et al. start from ImageNet weights. Nothing is downloaded here: `backbone_weights` is a local file
+(safetensors, or a torch state dict read with weights_only=True) — torchvision's ImageNet ResNet-50,
+or a chest X-ray ResNet — whose first convolution's RGB filters are summed into one grey channel (a
+grey image repeated on R, G and B gives the same response) and whose classification head is
+replaced. With ImageNet weights, `input_normalization="imagenet"` standardises the [0, 1] input by the
+grey mean and std of ImageNet (0.449, 0.226) that those filters expect.
+
+What it measures: whether two images are the same image up to the augmentations it was trained to
+ignore (small rotations, flips), relative to how alike distinct training images are (the threshold
+comes from training vs validation images). What it does not measure: whether a generation shows a
+given patient's anatomy under other changes (contrast, crop, blending), nor anything about images
+unlike its training set; its threshold accepts 5% of the nearest training-validation pairs by
+construction, so its copy rate is not zero for a model that copies nothing.
 
 The backbone is configurable ("resnet50" as in the paper, "resnet18", or "tiny" for tests and the CPU
 demo). Saved as safetensors weights + a JSON sidecar with the config and the threshold; never pickled.
@@ -13,6 +29,7 @@ demo). Saved as safetensors weights + a JSON sidecar with the config and the thr
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,9 +41,11 @@ from tqdm import tqdm
 from data_pipeline.images import to_model_range
 from engine.audit.nearest_neighbors import topk_neighbors
 from engine.audit.similarity import pearson_normalize
-from engine.model.network_files import load_network, save_network
+from engine.model.network_files import build_network, load_network, network_config, save_network
 
 BACKBONES = ("resnet50", "resnet18", "tiny")
+INPUT_NORMALIZATIONS = ("none", "imagenet")
+IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226   # means of ImageNet's per-channel mean and std
 NAME = "copy_detector"   # files: copy_detector.safetensors + copy_detector.json (engine.model.network_files)
 
 
@@ -43,10 +62,18 @@ class CopyDetectorConfig:
     flip_p: float = 0.5
     threshold_percentile: float = 95.0
     seed: int = 0
+    input_scaling: str = "per_image_minmax"   # the one scaling (Dar's); recorded so older files are refused
+    input_normalization: str = "none"
+    backbone_weights: str | None = None       # local file the backbone started from (None: random init)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"copy detector backbone: expected one of {BACKBONES}, got {self.backbone!r}")
+        if self.input_normalization not in INPUT_NORMALIZATIONS:
+            raise ValueError(f"copy detector input_normalization: expected one of {INPUT_NORMALIZATIONS}, "
+                             f"got {self.input_normalization!r}")
+        if self.input_scaling != "per_image_minmax":
+            raise ValueError(f"copy detector input_scaling: only 'per_image_minmax', got {self.input_scaling!r}")
         for key in ("embed_dim", "epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"copy detector {key}: expected >= 1, got {getattr(self, key)}")
@@ -68,6 +95,70 @@ def build_embedder(backbone: str, embed_dim: int = 128) -> nn.Module:
         return nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64), *block(64, 64),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, embed_dim))
     raise ValueError(f"copy detector backbone: expected one of {BACKBONES}, got {backbone!r}")
+
+
+def _head_prefix(model: nn.Module) -> str:
+    """Name prefix of the last Linear layer (the projection head, replaced rather than loaded)."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return name + "."
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a local weights file: .safetensors, or a torch file read with weights_only=True
+    (no code in it is run). A {"state_dict": ...} or {"model": ...} wrapper and a "module." prefix
+    are unwrapped."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: backbone weights file does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone_weights(model: nn.Module, path: str) -> dict:
+    """Copy every tensor of `model` except its head from the file at `path` (see read_state_dict).
+
+    A file whose keys carry an extra prefix (e.g. "backbone.conv1.weight") is matched after removing
+    it. A 3-channel first-layer filter is summed over its input channels to take one grey channel.
+    Returns {"path", "sha1", "loaded", "head_initialised"}; any missing or mismatched tensor is an
+    error naming the file and the key.
+    """
+    import hashlib
+    state = read_state_dict(path)
+    own = model.state_dict()
+    head = _head_prefix(model)
+    wanted = [k for k in own if not k.startswith(head)]
+    prefix = next((k[:-len(wanted[0])] for k in state if k.endswith(wanted[0])), None)
+    if prefix is None:
+        raise ValueError(f"{path}: no tensor named {wanted[0]!r} (is this a {type(model).__name__} backbone?)")
+    new = {}
+    for key in wanted:
+        src = state.get(prefix + key)
+        if src is None:
+            raise ValueError(f"{path}: missing tensor {prefix + key!r}")
+        if src.dim() == 4 and src.shape[1] == 3 and own[key].shape[1] == 1 and src.shape[0] == own[key].shape[0]:
+            src = src.sum(dim=1, keepdim=True)      # RGB filters -> one grey channel, same response
+        if src.shape != own[key].shape:
+            raise ValueError(f"{path}: tensor {prefix + key!r} has shape {tuple(src.shape)}, "
+                             f"the {type(model).__name__} backbone needs {tuple(own[key].shape)}")
+        new[key] = src.to(own[key].dtype)
+    model.load_state_dict({**own, **new})
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": os.path.abspath(path), "sha1": h.hexdigest(), "loaded": len(new),
+            "head_initialised": sorted(k for k in own if k.startswith(head))}
 
 
 def augment_positive(images: torch.Tensor, cfg: CopyDetectorConfig, generator: torch.Generator) -> torch.Tensor:
@@ -94,11 +185,17 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
     return F.cross_entropy(logits, target)
 
 
-def _as_model_input(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
+def prepare_input(images: np.ndarray | torch.Tensor, cfg: CopyDetectorConfig, device) -> torch.Tensor:
+    """uint8 [N, S, S] or [-1, 1] [N, 1, S, S] -> network input [N, 1, S, S]: each image rescaled to
+    [0, 1] by its own min and max (Dar et al.), then standardised for ImageNet weights if asked."""
     x = torch.as_tensor(images)
-    if x.dtype == torch.uint8:
-        return to_model_range(x, channel_dim=x.dim() == 3).to(device)
-    return (x.unsqueeze(1) if x.dim() == 3 else x).float().to(device)
+    x = to_model_range(x, channel_dim=x.dim() == 3) if x.dtype == torch.uint8 else \
+        (x.unsqueeze(1) if x.dim() == 3 else x).float()
+    lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo).clamp_min(1e-6)          # a constant image maps to 0
+    if cfg.input_normalization == "imagenet":
+        x = (x - IMAGENET_GREY_MEAN) / IMAGENET_GREY_STD
+    return x.to(device)
 
 
 class CopyDetector:
@@ -110,7 +207,7 @@ class CopyDetector:
         """Raw embeddings [N, embed_dim] (compare them with Pearson correlation)."""
         device = next(self.model.parameters()).device
         self.model.eval()
-        out = [self.model(_as_model_input(images[i:i + batch_size], device)).float().cpu()
+        out = [self.model(prepare_input(images[i:i + batch_size], self.cfg, device)).float().cpu()
                for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy()
 
@@ -129,10 +226,17 @@ class CopyDetector:
 def load_copy_detector(path: str, device: str = "cpu") -> CopyDetector:
     """Load from a directory holding copy_detector.safetensors and copy_detector.json."""
     state, meta = load_network(path, NAME, "tools/train_copy_detector")
-    cfg = CopyDetectorConfig(**meta.pop("config"))
-    model = build_embedder(cfg.backbone, cfg.embed_dim)
-    model.load_state_dict(state)
+    where = os.path.join(path, f"{NAME}.json")
+    if "input_scaling" not in (meta.get("config") or {}):
+        raise ValueError(f"{where}: trained without Dar's per-image [0, 1] rescaling, which embedding "
+                         f"now applies; retrain it with tools/train_copy_detector")
+    cfg = network_config(CopyDetectorConfig, meta.pop("config", None), where)
+    model = build_network(lambda: build_embedder(cfg.backbone, cfg.embed_dim), state,
+                          os.path.join(path, f"{NAME}.safetensors"), where)
     threshold = meta.pop("threshold", None)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+        # a correlation: NaN would run the whole audit, flag nothing and then fail to write its JSON
+        raise ValueError(f"{where}: threshold: expected a correlation in [-1, 1] or null, got {str(threshold)[:40]}")
     return CopyDetector(model.to(device), cfg, threshold, meta)
 
 
@@ -164,7 +268,7 @@ def copy_statistics(generated_emb: np.ndarray, train_emb: np.ndarray, threshold:
 
 
 def _epoch_loss(model, images: torch.Tensor, cfg: CopyDetectorConfig, generator: torch.Generator,
-                optimizer=None, scheduler=None, order: torch.Tensor | None = None) -> float:
+                optimizer=None, order: torch.Tensor | None = None) -> float:
     n, total, count = images.shape[0], 0.0, 0
     order = order if order is not None else torch.arange(n)
     for i in range(0, n, cfg.batch_size):
@@ -177,7 +281,6 @@ def _epoch_loss(model, images: torch.Tensor, cfg: CopyDetectorConfig, generator:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
         total, count = total + float(loss.detach()) * len(idx), count + len(idx)
     return total / max(count, 1)
 
@@ -189,22 +292,25 @@ def train_copy_detector(train_images: np.ndarray, val_images: np.ndarray, cfg: C
         raise ValueError(f"copy detector: need >= 2 training and validation images, got "
                          f"{len(train_images)} and {len(val_images)}")
     torch.manual_seed(cfg.seed)
-    model = build_embedder(cfg.backbone, cfg.embed_dim).to(device)
-    train_x, val_x = _as_model_input(train_images, device), _as_model_input(val_images, device)
-    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    model = build_embedder(cfg.backbone, cfg.embed_dim)
+    start = load_backbone_weights(model, cfg.backbone_weights) if cfg.backbone_weights else None
+    model = model.to(device)
+    train_x, val_x = prepare_input(train_images, cfg, device), prepare_input(val_images, cfg, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    # Dar et al.: cosine decay over epochs (one scheduler step per epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)
     best_loss, best_state, best_epoch, history = math.inf, None, -1, []
     bar = tqdm(range(cfg.epochs), desc="copy detector", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
-        train_loss = _epoch_loss(model, train_x, cfg, gen, optimizer, scheduler,
-                                 order=torch.randperm(len(train_x), generator=gen))
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = _epoch_loss(model, train_x, cfg, gen, optimizer, order=torch.randperm(len(train_x), generator=gen))
+        scheduler.step()
         model.eval()
         with torch.no_grad():  # fixed augmentation seed: validation losses are comparable across epochs
             val_loss = _epoch_loss(model, val_x, cfg, torch.Generator().manual_seed(cfg.seed + 1))
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss})
         if val_loss < best_loss:
             best_loss, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -212,7 +318,7 @@ def train_copy_detector(train_images: np.ndarray, val_images: np.ndarray, cfg: C
     model.load_state_dict(best_state)
     detector = CopyDetector(model, cfg, None, {"best_epoch": best_epoch, "best_val_loss": best_loss,
                                                 "history": history, "n_train": int(len(train_images)),
-                                                "n_val": int(len(val_images))})
+                                                "n_val": int(len(val_images)), "backbone_start": start})
     detector.threshold = dar_threshold(detector.embed(train_images), detector.embed(val_images),
                                        cfg.threshold_percentile)
     return detector

@@ -34,8 +34,8 @@ from engine.audit.audit_inputs import AuditInputs
 from engine.audit.copy_detection import CopyDetector, copy_statistics, dar_threshold
 from engine.audit.frechet import frechet_distance_features
 from engine.audit.intervals import cluster_bootstrap_mean, detection_summary, distribution_summary, proportion_interval
-from engine.audit.paired_audit import paired_differences
 from engine.audit.nearest_neighbors import topk_neighbors
+from engine.audit.paired_audit import paired_differences
 from engine.audit.planted_truth import nearest_is_planted, planted_pixel_match, planted_sources, prompt_groups
 from engine.audit.prompt_lists import PromptList, encode_prompts
 from engine.audit.roc import calibrate_threshold, roc_metrics
@@ -43,6 +43,7 @@ from engine.audit.run_data import RealImages
 from engine.audit.scan import scan_prompts
 from engine.audit.similarity import pearson_normalize
 from engine.audit.wen_detector import DetectorSettings, mean_score
+from engine.diffusion.finite import require_finite
 from engine.model.export import load_model
 
 PIXEL_FEATURE_SIZE = 8
@@ -74,8 +75,8 @@ class Comparison:
 def scan_generations(loaded, prompt_list: PromptList, settings: DetectorSettings, out_dir: str, *,
                      manifest: dict | None, groups: list[str] | None = None, batch_prompts: int = 16,
                      progress: bool = True, description: str = "scan") -> Generations:
-    """Scan (resumably) into out_dir/scores.parquet with images under out_dir/images, read both back."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Scan (resumably) into out_dir/scores.parquet with images under out_dir/images, read both back
+    (out_dir is made by the scan's first write: a scan that fails first leaves nothing)."""
     groups = groups or prompt_groups(prompt_list.prompts, manifest) or ["ordinary"] * len(prompt_list.prompts)
     image_dir = os.path.join(out_dir, "images")
     res = scan_prompts(loaded, prompt_list, os.path.join(out_dir, "scores.parquet"), settings,
@@ -113,6 +114,7 @@ def detection_numbers(gen: Generations, threshold: float | None, threshold_from:
                       target_fpr: float) -> tuple[dict, list[dict]]:
     """Scores, the flagging threshold (given, or calibrated at `target_fpr` on the non-planted prompts),
     flagged fractions and planted-vs-negatives ROC per group; and one row per prompt."""
+    require_finite(gen.norms_rms, "audit: the conditional-noise magnitudes of the generations")
     groups = np.array(gen.groups)
     score = mean_score(torch.from_numpy(gen.norms_rms)).numpy().astype(np.float64)
     first = mean_score(torch.from_numpy(gen.norms_rms), (0, 1)).numpy().astype(np.float64)
@@ -228,8 +230,20 @@ def quality_numbers(gen: Generations, real: RealImages, flat: np.ndarray, space:
     return quality
 
 
+def deepssim_copying(gen: Generations, flat: np.ndarray, real: RealImages, deepssim, cache: dict) -> dict:
+    """DeepSSIM's copy rule: a generation copies its nearest training image when their score is a
+    Duplicate (> 0.85); the copy fraction per prompt group."""
+    if "deepssim_train" not in cache:
+        cache["deepssim_train"] = torch.from_numpy(deepssim.embed(real.train))
+    best, _ = topk_neighbors(torch.from_numpy(deepssim.embed(flat)), cache["deepssim_train"], k=1)
+    copies = best[:, 0].numpy() > deepssim.threshold
+    groups = np.repeat(np.array(gen.groups), gen.images.shape[1])
+    return {"threshold": deepssim.threshold, "copy_fraction": float(copies.mean()),
+            **{f"copy_fraction_{name}": float(copies[groups == name].mean()) for name in GROUPS if (groups == name).any()}}
+
+
 def audit_generations(gen: Generations, real: RealImages | None, *, manifest: dict | None = None,
-                      copy_detector: CopyDetector | None = None, clip=None, label_classifier=None,
+                      copy_detector: CopyDetector | None = None, clip=None, label_classifier=None, deepssim=None,
                       threshold: float | None = None,
                       target_fpr: float = 0.01, train_cache: dict | None = None,
                       threshold_from: str = "given") -> dict:
@@ -248,6 +262,8 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
     space, gen_emb, train_emb, copy_threshold = copy_space(flat, real, copy_detector, cache)
     out["copying"], nearest_idx = copying_numbers(gen, real, space, gen_emb, train_emb, copy_threshold, manifest,
                                                   cache)
+    if deepssim is not None:
+        out["copying"]["deepssim"] = deepssim_copying(gen, flat, real, deepssim, cache)
     out["quality"] = quality_numbers(gen, real, flat, space, gen_emb, copy_detector=copy_detector, clip=clip,
                                      label_classifier=label_classifier, cache=cache)
     out["nearest_train_index"] = nearest_idx.reshape(p, g).tolist()

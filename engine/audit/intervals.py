@@ -11,6 +11,8 @@
   bootstrap interval that resamples prompts once for both sides.
 - `spearman_interval(x, y)`: Spearman's rho with a bootstrap interval over pairs.
 - `distribution_summary(values)`: n, mean, percentiles and the values themselves (for histograms).
+- `cluster_bootstrap_statistic(clusters, statistic)`: any statistic of items (F1, macro-F1), with an
+  interval from resampling whole clusters (prompts, anchor images).
 
 Bootstrap intervals are percentile intervals from `n_boot` seeded resamples, so a report is
 reproducible; the resample count and seed are recorded where they are used.
@@ -176,3 +178,22 @@ def distribution_summary(values: np.ndarray) -> dict:
     q = np.percentile(v, [5, 25, 50, 75, 95])
     return {"n": int(v.size), "mean": float(v.mean()), "p05": q[0], "p25": q[1], "median": q[2], "p75": q[3],
             "p95": q[4], "values": v.tolist()}
+def cluster_bootstrap_statistic(clusters: np.ndarray, statistic: Callable[[np.ndarray], float],
+                                n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """statistic(item indices) over all items, with a 95% interval from resampling whole clusters.
+
+    For statistics that are not a mean of per-cluster values (F1, macro-F1, precision): `clusters`
+    [M] names each item's cluster (the prompt of a generation, the anchor image of a pair); a
+    resample draws clusters with replacement and passes the indices of all their items.
+    """
+    ids = np.asarray(clusters)
+    if ids.size == 0:
+        return {"value": float("nan"), "ci95": [float("nan")] * 2, "n_clusters": 0, "n_items": 0}
+    groups = [np.flatnonzero(ids == c) for c in np.unique(ids)]
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        pick = rng.integers(0, len(groups), len(groups))
+        boots[i] = statistic(np.concatenate([groups[j] for j in pick]))
+    return {"value": float(statistic(np.arange(ids.size))), "ci95": list(_percentile_interval(boots)),
+            "n_clusters": len(groups), "n_items": int(ids.size)}

@@ -13,6 +13,7 @@ AUCs); never pickled.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from data_pipeline.images import to_model_range
 from data_pipeline.prompts import parse_prompt
 from engine.audit.roc import roc_metrics
-from engine.model.network_files import load_network, save_network
+from engine.model.network_files import build_network, load_network, network_config, save_network
 
 NAME = "label_classifier"   # files: label_classifier.safetensors + .json (engine.model.network_files)
 
@@ -45,6 +46,9 @@ class LabelClassifierConfig:
                 raise ValueError(f"label classifier {name}: expected a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"label classifier lr: expected > 0, got {self.lr!r}")
+        if self.width % 8:
+            raise ValueError(f"label classifier width: expected a multiple of 8 (its GroupNorm has 8 groups), "
+                             f"got {self.width}")
 
 
 def prompt_labels(prompts: list[str], labels: list[str]) -> np.ndarray:
@@ -127,10 +131,13 @@ class LabelClassifier:
 
 def load_label_classifier(path: str, device: str = "cpu") -> LabelClassifier:
     state, meta = load_network(path, NAME, "tools/train_label_classifier")
-    cfg = LabelClassifierConfig(**meta.pop("config"))
-    labels = meta.pop("labels")
-    model = build_classifier(len(labels), cfg.width)
-    model.load_state_dict(state)
+    where = os.path.join(path, f"{NAME}.json")
+    cfg = network_config(LabelClassifierConfig, meta.pop("config", None), where)
+    labels = meta.pop("labels", None)
+    if not isinstance(labels, list) or not labels or not all(isinstance(v, str) for v in labels):
+        raise ValueError(f"{where}: labels: expected a non-empty list of finding names")
+    model = build_network(lambda: build_classifier(len(labels), cfg.width), state,
+                          os.path.join(path, f"{NAME}.safetensors"), where)
     return LabelClassifier(model.to(device), labels, cfg, meta)
 
 

@@ -6,6 +6,7 @@ naming its file and line before any sampling starts.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections import Counter
@@ -44,7 +45,7 @@ def load_prompts(path: str, column: str = "prompt", distinct: bool = True) -> Pr
         raise ValueError(f"{path}: prompt file not found")
     prompts, where = [], []
     ext = os.path.splitext(path)[1].lower()
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         if ext == ".csv":
             reader = csv.DictReader(f)
             if reader.fieldnames is None or column not in reader.fieldnames:
@@ -74,6 +75,18 @@ def load_prompts(path: str, column: str = "prompt", distinct: bool = True) -> Pr
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return distinct_prompts(prompts, where) if distinct else PromptList(prompts, where)
+
+
+def read_utf8(path: str) -> str:
+    """The file's text; a file that is not UTF-8 is a one-line error naming the file and the line of
+    its first bad byte."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at line {line})") from None
 
 
 def training_prompt_list(prompts: list[str], source: str) -> PromptList:

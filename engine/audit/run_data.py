@@ -9,7 +9,6 @@ often as it was copied).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipeline.cache import load_or_build_cache
+from data_pipeline.json_files import read_json_object
 from engine.audit.prompt_lists import PromptList, training_prompt_list
 
 
@@ -50,8 +50,7 @@ def read_splits(run_dir: str) -> dict:
     path = find_run_file(run_dir, "splits.json")
     if path is None:
         raise ValueError(f"{run_dir}: no splits.json (is this a memdiff training run directory?)")
-    with open(path) as f:
-        data = json.load(f)
+    data = read_json_object(path)
     for key in ("data", "splits"):
         if key not in data:
             raise ValueError(f"{path}: missing key {key!r}")
@@ -62,8 +61,7 @@ def read_manifest(run_dir: str) -> dict | None:
     path = find_run_file(run_dir, "planted_manifest.json")
     if path is None:
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json_object(path)
 
 
 def load_split_cache(splits: dict, paths: list[str], progress: bool = True):

@@ -21,18 +21,22 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_pipeline.atomic_files import atomic_path, write_json
+from data_pipeline.atomic_files import atomic_path, check_writable, write_json
+from data_pipeline.config_schema import build
 from data_pipeline.images import to_uint8, write_png
+from engine.audit.batch_size import fastest_scan_batch
 from engine.audit.detection_metrics import comparisons, detection_metrics, operating_point, prompt_kinds
 from engine.audit.planted_truth import prompt_groups, prompt_splits
 from engine.audit.prompt_lists import PromptList, encode_prompts, load_prompts, training_prompt_list
 from engine.audit.roc import calibrate_threshold
 from engine.audit.run_data import prompt_counts, read_manifest
 from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score
+from engine.diffusion.finite import require_finite
 from engine.diffusion.seeds import prompt_seeds
 
 META_KEY = b"memdiff_scan"
@@ -54,7 +58,8 @@ def model_fingerprint(loaded) -> str:
 
 # ---- journal ------------------------------------------------------------------------------------
 
-def _atomic_write_table(table: pa.Table, path: str, csv_too: bool = False) -> None:
+def write_scan_table(table: pa.Table, path: str, csv_too: bool = False) -> None:
+    """A scan table as Parquet (atomically); with csv_too also <path stem>.csv (nested columns as JSON)."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     if csv_too:
@@ -72,11 +77,21 @@ def _journal_dir(out_path: str) -> str:
     return out_path + ".parts"
 
 
-def _check_meta(found: dict, expected: dict, where: str) -> None:
+def check_scan_meta(found: dict, expected: dict, where: str) -> None:
+    """A one-line error when a journal or finished file was made with other settings than this run's."""
     for key, value in expected.items():
         if found.get(key) != value:
             raise ValueError(f"{where}: was scanned with {key}={found.get(key)!r}, now {value!r}; "
                              f"use another --out or delete it to rescan")
+
+
+def _read_table(path: str) -> pa.Table:
+    """A Parquet file this scan wrote earlier; anything else there is a one-line error, never overwritten."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: exists and is not a memdiff scan ({' '.join(str(e).split())[:120]}); "
+                         f"use another --out") from None
 
 
 def _finished_rows(out_path: str, meta: dict) -> list[dict]:
@@ -84,19 +99,21 @@ def _finished_rows(out_path: str, meta: dict) -> list[dict]:
     rows: dict[int, dict] = {}
     sources = []
     if os.path.exists(out_path):
-        table = pq.read_table(out_path)
+        table = _read_table(out_path)
         found = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-        _check_meta(found.get("scan", {}), meta, out_path)
+        check_scan_meta(found.get("scan", {}), meta, out_path)
         sources.append((out_path, table.select(PART_SCHEMA.names)))
     journal = _journal_dir(out_path)
     if os.path.isdir(journal):
         meta_path = os.path.join(journal, "meta.json")
         if os.path.exists(meta_path):
             with open(meta_path) as f:
-                _check_meta(json.load(f), meta, journal)
+                check_scan_meta(json.load(f), meta, journal)
         for part in sorted(glob.glob(os.path.join(journal, "part-*.parquet"))):
-            sources.append((part, pq.read_table(part)))
+            sources.append((part, _read_table(part)))
     for where, table in sources:
+        for name in ("norms_raw", "norms_rms"):   # a damaged journal must not come back as "not flagged"
+            require_finite(pc.list_flatten(pc.list_flatten(table.column(name))).to_numpy(), f"{where}: {name}")
         for row in table.to_pylist():
             rows.setdefault(int(row["prompt_index"]), row)  # a prompt is in at most one source; first wins
     return [rows[i] for i in sorted(rows)]
@@ -116,10 +133,14 @@ def scan_prompts(loaded, prompt_list: PromptList, out_path: str, settings: Detec
                  batch_prompts: int = 16, step_range: tuple[int, int] | None = None,
                  threshold: float | None = None, save_images: str | None = None, csv_too: bool = False,
                  groups: list[str] | None = None, progress: bool = True, description: str = "scan",
+                 indices: list[int] | None = None, notes: dict | None = None,
                  on_batch: Callable[[int], None] | None = None) -> ScanResult:
     """Scan every prompt (resuming from `out_path` and its journal), then write the final table.
 
-    `on_batch(n_done)` is called after each batch is journaled (tests use it to interrupt a scan).
+    `indices` restricts the scan to those positions of the list (the confirmation stage of a fast scan):
+    each keeps its position as prompt_index, hence the seed a full scan would give it. `notes` (JSON-able)
+    go into the final table's metadata (e.g. the null-condition record). `on_batch(n_done)` is called
+    after each batch is journaled (tests use it to interrupt a scan).
     """
     if batch_prompts < 1:
         raise ValueError(f"batch prompts: expected >= 1, got {batch_prompts}")
@@ -137,16 +158,12 @@ def scan_prompts(loaded, prompt_list: PromptList, out_path: str, settings: Detec
             raise ValueError(f"{out_path}: row {i} holds prompt {row['prompt']!r} but the prompt list has "
                              f"{now!r} there; use another --out for another prompt list")
     done_idx = {row["prompt_index"] for row in done}
-    todo = [i for i in range(len(prompt_list.prompts)) if i not in done_idx]
+    wanted = range(len(prompt_list.prompts)) if indices is None else sorted(set(indices))
+    todo = [i for i in wanted if i not in done_idx]
 
     journal = _journal_dir(out_path)
-    if todo:
-        os.makedirs(journal, exist_ok=True)
-        write_json(os.path.join(journal, "meta.json"), meta)
-    if save_images:
-        os.makedirs(save_images, exist_ok=True)
 
-    bar = tqdm(total=len(prompt_list.prompts), initial=len(done_idx), unit="prompt", desc=description,
+    bar = tqdm(total=len(wanted), initial=len(done_idx), unit="prompt", desc=description,
                disable=not progress, dynamic_ncols=True)
     for b0 in range(0, len(todo), batch_prompts):
         idx = todo[b0:b0 + batch_prompts]
@@ -163,17 +180,20 @@ def scan_prompts(loaded, prompt_list: PromptList, out_path: str, settings: Detec
             "norms_raw": pa.array(det.norms_raw.tolist(), PART_SCHEMA.field("norms_raw").type),
             "norms_rms": pa.array(det.norms_rms.tolist(), PART_SCHEMA.field("norms_rms").type),
         }, schema=PART_SCHEMA)
+        if not os.path.isdir(journal):   # made with the first finished batch: a failed first batch leaves nothing
+            os.makedirs(journal)
+            write_json(os.path.join(journal, "meta.json"), meta)
         if det.images is not None:
             _save_images(save_images, idx, det.images)
-        _atomic_write_table(part, os.path.join(journal, f"part-{idx[0]:09d}.parquet"))
+        write_scan_table(part, os.path.join(journal, f"part-{idx[0]:09d}.parquet"))
         bar.update(len(idx))
         if on_batch is not None:
             on_batch(b0 + len(idx))
     bar.close()
 
     rows = _finished_rows(out_path, meta)
-    table = finalize_table(rows, meta, step_range=step_range, threshold=threshold, groups=groups)
-    _atomic_write_table(table, out_path, csv_too=csv_too)
+    table = finalize_table(rows, meta, step_range=step_range, threshold=threshold, groups=groups, notes=notes)
+    write_scan_table(table, out_path, csv_too=csv_too)
     if os.path.isdir(journal):
         shutil.rmtree(journal)  # every journaled row is now in the final file
     return ScanResult(table, threshold, len(todo))
@@ -187,7 +207,8 @@ def _save_images(out_dir: str, prompt_indices: list[int], images: torch.Tensor) 
 
 
 def finalize_table(rows: list[dict], meta: dict, *, step_range: tuple[int, int] | None = None,
-                   threshold: float | None = None, groups: list[str] | None = None) -> pa.Table:
+                   threshold: float | None = None, groups: list[str] | None = None,
+                   notes: dict | None = None) -> pa.Table:
     """Rows + derived scores (rms and raw, mean and first step) + flags, with the settings as metadata."""
     raw = torch.tensor([r["norms_raw"] for r in rows], dtype=torch.float32) if rows else torch.zeros(0, 1, 1)
     rms = torch.tensor([r["norms_rms"] for r in rows], dtype=torch.float32) if rows else torch.zeros(0, 1, 1)
@@ -203,7 +224,8 @@ def finalize_table(rows: list[dict], meta: dict, *, step_range: tuple[int, int] 
     if groups is not None:
         table = table.append_column("group", pa.array([groups[r["prompt_index"]] for r in rows], pa.string()))
     info = {"scan": meta, "threshold": threshold, "step_range": list(step_range) if step_range else None,
-            "score": "mean over generations and steps of ||eps_c - eps_u|| / sqrt(C*H*W) (rms); *_raw: unscaled"}
+            "score": "mean over generations and steps of ||eps_c - eps_u|| / sqrt(C*H*W) (rms); *_raw: unscaled",
+            **(notes or {})}
     return table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
 
 
@@ -222,7 +244,26 @@ def read_scores(path: str) -> pa.Table:
     missing = [c for c in ("prompt_index", "prompt", "score", "first_step_score", "seed") if c not in table.column_names]
     if missing or META_KEY not in (table.schema.metadata or {}):
         raise ValueError(f"{path}: not a memdiff scan (missing {missing or 'scan metadata'})")
+    for column in ("score", "first_step_score"):
+        require_finite(table.column(column).to_numpy(), f"{path}: column {column!r}")
+    try:
+        scan_settings(table)
+    except ValueError as e:
+        raise ValueError(f"{path}: scan metadata: {e}") from None
     return table
+
+
+def scan_settings(table: pa.Table) -> DetectorSettings:
+    """The detector settings a scan was made with, checked like a config section (the file may be
+    anyone's)."""
+    try:
+        meta = scan_metadata(table)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    scan = meta.get("scan") if isinstance(meta, dict) else None
+    if not isinstance(scan, dict):
+        raise ValueError("no 'scan' object")
+    return build(DetectorSettings, scan.get("settings"), "scan.settings")
 
 
 # ---- detection against the planted ground truth (engine.audit.planted_truth) ---------------------
@@ -302,18 +343,25 @@ def subsample_prompts(plist: PromptList, groups: list[str] | None, max_prompts: 
 
 # ---- the whole audit scan of a run (what tools/scan_memorization does) -----------------------------
 
-def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, *, prompts_file: str | None = None,
-                    column: str = "prompt", train_prompts: bool = False, batch_prompts: int = 16,
-                    step_range: tuple[int, int] | None = None, threshold: float | None = None,
-                    calibrate_fpr: float | None = None, reference_prompts: str | None = None,
-                    save_images: str | None = None, csv_too: bool = False, device: str = "cpu",
-                    max_prompts: int | None = None, progress: bool = True, log=print) -> ScanResult:
-    """Load the model, gather prompts, scan (resumably), calibrate, and score against planted ground truth.
+@dataclass
+class ScanInputs:
+    """Everything a scan of a run needs, checked before the first forward pass."""
+    loaded: object                              # engine.model.export.LoadedModel
+    prompts: PromptList
+    groups: list[str] | None                    # planted / control / ordinary, when the run has a manifest
+    reference: PromptList | None                # prompts taken as not memorized (threshold calibration)
+    null_condition: dict                        # engine.model.null_condition record, written into every output
 
-    Every input is checked before the first forward pass. Writes `out_path` (and `<out>.metrics.json`
-    when the run has a planted manifest; `<out stem>.reference.parquet` when calibrating).
-    """
+
+def scan_inputs(checkpoint: str, out_path: str, settings: DetectorSettings, *, prompts_file: str | None = None,
+                column: str = "prompt", train_prompts: bool = False, threshold: float | None = None,
+                calibrate_fpr: float | None = None, reference_prompts: str | None = None,
+                save_images: str | None = None, device: str = "cpu", max_prompts: int | None = None,
+                force: bool = False, log=print) -> ScanInputs:
+    """Check the arguments, load the model (refusing one without a trained null condition unless `force`:
+    Wen's score needs it), gather and encode the prompts, and find their planted-truth groups."""
     from engine.model.export import load_model
+    from engine.model.null_condition import require_null_condition
 
     if (prompts_file is None) == (not train_prompts):
         raise ValueError("give exactly one of --prompts FILE or --train-prompts")
@@ -321,11 +369,13 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
         raise ValueError("give either --threshold or --calibrate-fpr, not both")
     if calibrate_fpr is not None and reference_prompts is None:
         raise ValueError("--calibrate-fpr needs --reference-prompts FILE (prompts taken as not memorized)")
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"{out_path}: {out_dir} is not a directory")
-    os.makedirs(out_dir, exist_ok=True)
+    check_writable(os.path.dirname(os.path.abspath(out_path)))
+    if save_images:
+        check_writable(save_images)
     loaded = load_model(checkpoint, device=device)
+    record = require_null_condition(loaded, "Wen's score (tools/scan_memorization)", force)
+    if "note" in record:
+        log(record["note"])
     if train_prompts:
         counts = prompt_counts(checkpoint)
         plist = training_prompt_list(list(counts.elements()), "train split")
@@ -343,23 +393,58 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
     encode_prompts(loaded.vocab, plist)                          # fail fast on unknown phrases
     if reference is not None:
         encode_prompts(loaded.vocab, reference)
-    manifest = read_manifest(checkpoint)
-    groups = prompt_groups(plist.prompts, manifest)
+    groups = prompt_groups(plist.prompts, read_manifest(checkpoint))
     if max_prompts is not None and len(plist.prompts) > max_prompts:
         plist, groups = subsample_prompts(plist, groups, max_prompts, settings.base_seed)
         log(f"scanning {len(plist.prompts)} prompts (planted and control prompts kept, others sampled)")
+    return ScanInputs(loaded, plist, groups, reference, record)
 
-    if reference is not None:
-        ref_out = os.path.splitext(out_path)[0] + ".reference.parquet"
-        ref = scan_prompts(loaded, reference, ref_out, settings, batch_prompts=batch_prompts, step_range=step_range,
-                           progress=progress, description="reference")
-        threshold = threshold_from_reference(ref.table, calibrate_fpr)
-        log(f"threshold {threshold:.6g} (FPR <= {calibrate_fpr} on {len(reference.prompts)} reference prompts)")
-    result = scan_prompts(loaded, plist, out_path, settings, batch_prompts=batch_prompts, step_range=step_range,
-                          threshold=threshold, save_images=save_images, csv_too=csv_too, groups=groups,
-                          progress=progress)
+
+def reference_threshold(inputs: ScanInputs, out_path: str, settings: DetectorSettings, calibrate_fpr: float, *,
+                        batch_prompts: int = 16, step_range: tuple[int, int] | None = None, progress: bool = True,
+                        log=print) -> float:
+    """Scan the reference prompts (full trajectories, into <out stem>.reference.parquet) and return the
+    threshold that flags at most `calibrate_fpr` of them."""
+    ref_out = os.path.splitext(out_path)[0] + ".reference.parquet"
+    ref = scan_prompts(inputs.loaded, inputs.reference, ref_out, settings, batch_prompts=batch_prompts,
+                       step_range=step_range, progress=progress, description="reference",
+                       notes={"null_condition": inputs.null_condition})
+    threshold = threshold_from_reference(ref.table, calibrate_fpr)
+    log(f"threshold {threshold:.6g} (FPR <= {calibrate_fpr} on {len(inputs.reference.prompts)} reference prompts)")
+    return threshold
+
+
+def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, *, prompts_file: str | None = None,
+                    column: str = "prompt", train_prompts: bool = False, batch_prompts: int | str = 16,
+                    step_range: tuple[int, int] | None = None, threshold: float | None = None,
+                    calibrate_fpr: float | None = None, reference_prompts: str | None = None,
+                    save_images: str | None = None, csv_too: bool = False, device: str = "cpu",
+                    max_prompts: int | None = None, force: bool = False, progress: bool = True,
+                    log=print) -> ScanResult:
+    """Load the model, gather prompts, scan (resumably), calibrate, and score against planted ground truth.
+
+    Every input is checked before the first forward pass. Writes `out_path` (and `<out>.metrics.json`
+    when the run has a planted manifest; `<out stem>.reference.parquet` when calibrating). `batch_prompts`
+    "auto" measures the fastest batch on this device first. The model's null-condition record (engine.model.null_condition) goes into every one of them.
+    """
+    inputs = scan_inputs(checkpoint, out_path, settings, prompts_file=prompts_file, column=column,
+                         train_prompts=train_prompts, threshold=threshold, calibrate_fpr=calibrate_fpr,
+                         reference_prompts=reference_prompts, save_images=save_images, device=device,
+                         max_prompts=max_prompts, force=force, log=log)
+    if batch_prompts == "auto":
+        tokens = encode_prompts(inputs.loaded.vocab, inputs.prompts)
+        batch_prompts, rates = fastest_scan_batch(inputs.loaded, tokens, settings, len(inputs.prompts.prompts))
+        log(f"batch prompts auto: {batch_prompts} (prompt-steps/s " + ", ".join(f"{b}: {r:.0f}" for b, r in
+                                                                             rates.items()) + ")")
+    if inputs.reference is not None:
+        threshold = reference_threshold(inputs, out_path, settings, calibrate_fpr, batch_prompts=batch_prompts,
+                                        step_range=step_range, progress=progress, log=log)
+    result = scan_prompts(inputs.loaded, inputs.prompts, out_path, settings, batch_prompts=batch_prompts,
+                          step_range=step_range, threshold=threshold, save_images=save_images, csv_too=csv_too,
+                          groups=inputs.groups, progress=progress, notes={"null_condition": inputs.null_condition})
     result.threshold = threshold
-    result.metrics = ground_truth_metrics(result.table, manifest)
+    result.metrics = ground_truth_metrics(result.table, read_manifest(checkpoint))
     if result.metrics:
-        write_json(os.path.splitext(out_path)[0] + ".metrics.json", {"threshold": threshold, "metrics": result.metrics})
+        write_json(os.path.splitext(out_path)[0] + ".metrics.json",
+                   {"threshold": threshold, "metrics": result.metrics, "null_condition": inputs.null_condition})
     return result

@@ -64,6 +64,27 @@ def ssim_pairwise(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     e_qk = F.avg_pool2d(prod, SSIM_WINDOW, stride=1).reshape(q.shape[0], k.shape[0], *mu_q.shape[-2:])
     mq, mk = mu_q[:, None], mu_k[None]
     cov = (e_qk - mq * mk) * (n / (n - 1))
+    return _ssim_index(mq, mk, var_q[:, None], var_k[None], cov)
+
+
+def _ssim_index(mu_a, mu_b, var_a, var_b, cov) -> torch.Tensor:
+    """SSIM from local statistics, averaged over the window-valid interior (last two axes)."""
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
-    s = ((2 * mq * mk + c1) * (2 * cov + c2)) / ((mq ** 2 + mk ** 2 + c1) * (var_q[:, None] + var_k[None] + c2))
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return s.mean(dim=(-2, -1)).float()
+
+
+def ssim_paired(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SSIM of a[i] with b[i] only: [N, H, W] x [N, H, W] in [-1, 1] -> [N] (the definition of
+    `ssim_pairwise`, without the N x N matrix; NeMo's cross-seed consistency compares many pairs)."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: paired inputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"ssim: images must be at least {SSIM_WINDOW} px, got {tuple(a.shape[-2:])}")
+    x = (a.reshape(-1, *a.shape[-2:]).double() + 1) / 2
+    y = (b.reshape(-1, *b.shape[-2:]).double() + 1) / 2
+    mu_x, var_x = _ssim_stats(x)
+    mu_y, var_y = _ssim_stats(y)
+    n = SSIM_WINDOW * SSIM_WINDOW
+    e_xy = F.avg_pool2d((x * y).unsqueeze(1), SSIM_WINDOW, stride=1).squeeze(1)
+    return _ssim_index(mu_x, mu_y, var_x, var_y, (e_xy - mu_x * mu_y) * (n / (n - 1)))

@@ -21,16 +21,20 @@ from data_pipeline.images import read_png, to_model_range, to_uint8
 from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
 from engine.audit.copy_detection import CopyDetector, copy_statistics, load_copy_detector
 from engine.audit.copy_rule import pixel_copy_threshold, pixel_nearest
+from engine.audit.deepssim import load_deepssim
+from engine.audit.detectors.nearest_training import TrainingNeighbours
+from engine.audit.exposure import exposed_training_images, patient_ids
+from engine.audit.intervals import detection_summary
 from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
 from engine.audit.planted_truth import nearest_is_planted, planted_sources
-from engine.audit.intervals import detection_summary
 from engine.audit.roc import roc_curve
-from engine.audit.run_data import TrainingImages, read_manifest, split_images
-from engine.audit.scan import model_fingerprint, planted_comparisons, read_scores, scan_metadata
+from engine.audit.run_data import TrainingImages, read_manifest, read_splits, split_images
+from engine.audit.scan import model_fingerprint, planted_comparisons, read_scores, scan_metadata, scan_settings
 from engine.audit.score_vs_copies import score_vs_copies
 from engine.audit.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
-from engine.audit.wen_detector import DetectorSettings, detect, mean_score
+from engine.audit.wen_detector import detect, mean_score
 from engine.model.export import load_model
+from engine.model.null_condition import require_null_condition
 
 
 @dataclass
@@ -72,8 +76,7 @@ def select_prompts(table: pa.Table, opts: ValidationOptions) -> dict[str, list[i
 def regenerate(loaded, table: pa.Table, rows: list[int], opts: ValidationOptions, progress: bool = True):
     """Generated images [P, G, C, H, W] of the rows, from the scan's settings and seeds, and the
     largest difference between the reproduced and the recorded mean score (a consistency check)."""
-    meta = scan_metadata(table)["scan"]
-    settings = DetectorSettings(**meta["settings"])
+    settings = scan_settings(table)
     cfg = loaded.unet_config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     tokens = torch.tensor([table.column("tokens")[i].as_py() for i in rows], dtype=torch.long)
@@ -125,7 +128,7 @@ def bootstrap_spearman(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> 
 
 
 def neighbors_by_metric(generated_u8: np.ndarray, train: TrainingImages, opts: ValidationOptions,
-                        copy_detector: CopyDetector | None, clip: ClipEmbedder | None) -> dict:
+                        copy_detector: CopyDetector | None, clip: ClipEmbedder | None, deepssim=None) -> dict:
     """For each metric: (values [Q, k], indices [Q, k]) of the nearest training images, plus embeddings."""
     q, keys = to_model_range(generated_u8, False), to_model_range(train.images, False)
     k = opts.neighbors
@@ -148,6 +151,10 @@ def neighbors_by_metric(generated_u8: np.ndarray, train: TrainingImages, opts: V
         out["dar_correlation"] = topk_neighbors(pearson_normalize(torch.from_numpy(gen_emb)),
                                                 pearson_normalize(torch.from_numpy(train_emb)), k)
         embeddings["dar"] = (train_emb, gen_emb)
+    if deepssim is not None:
+        train_emb = cached_embeddings(opts.cache_dir, train.images, "deepssim:" + deepssim.weight_hash(), deepssim.embed)
+        gen_emb = deepssim.embed(generated_u8)                       # unit norm: the dot product is the score
+        out["deepssim"] = topk_neighbors(torch.from_numpy(gen_emb), torch.from_numpy(train_emb), k)
     return {"neighbors": out, "embeddings": embeddings}
 
 
@@ -190,10 +197,10 @@ def all_prompts_vs_copies(loaded, table: pa.Table, train: TrainingImages, heldou
 def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict | None = None,
              copy_detector: CopyDetector | None = None, opts: ValidationOptions = ValidationOptions(),
              use_clip: bool = True, heldout: np.ndarray | None = None, scan_images: str | None = None,
-             progress: bool = True) -> ValidationResult:
+             progress: bool = True, deepssim=None) -> ValidationResult:
     """The validation numbers of a scan. With `heldout` (uint8 held-out images) also the score against
     copies over every scanned prompt (engine.audit.score_vs_copies; generations from `scan_images`
-    when the scan saved them all)."""
+    when the scan saved them all); with `deepssim`, DeepSSIM's copy share."""
     if len(table) == 0:
         raise ValueError("validate: the scores table has no rows")
     size = loaded.unet_config.image_size
@@ -206,7 +213,7 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
     generated = to_uint8(images)                                  # [P, G, S, S]
     flat = generated.reshape(n_p * n_g, size, size)
     clip = ClipEmbedder(opts.clip) if use_clip else None
-    found = neighbors_by_metric(flat, train, opts, copy_detector, clip)
+    found = neighbors_by_metric(flat, train, opts, copy_detector, clip, deepssim)
 
     score = table.column("score").to_numpy()
     first = table.column("first_step_score").to_numpy()
@@ -244,6 +251,11 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
     if copy_detector is not None and copy_detector.threshold is not None:
         train_emb, gen_emb = found["embeddings"]["dar"]
         numbers["dar"] = copy_statistics(gen_emb, train_emb, copy_detector.threshold)
+    if deepssim is not None:   # DeepSSIM's copy rule: the nearest training image is a Duplicate (> 0.85)
+        best = found["neighbors"]["deepssim"][0][:, 0].numpy()
+        numbers["deepssim"] = {"threshold": deepssim.threshold, "n_generated": int(len(best)),
+                               "n_copies": int((best > deepssim.threshold).sum()),
+                               "copy_fraction": float((best > deepssim.threshold).mean())}
     if manifest:
         numbers["planted"] = planted_recovery(prompts_out, train, manifest)
     if heldout is not None and len(heldout):
@@ -278,23 +290,61 @@ def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: d
 
 def validate_checkpoint(checkpoint: str, scores: str, *, copy_detector: str | None = None,
                         opts: ValidationOptions = ValidationOptions(), use_clip: bool = True, device: str = "cpu",
-                        scan_images: str | None = None, progress: bool = True) -> ValidationResult:
+                        scan_images: str | None = None, force: bool = False, progress: bool = True,
+                        deepssim: str | None = None) -> ValidationResult:
     """Validate a finished scan of a training run (what tools/validate_memorization does).
 
-    The scan must come from this run's model (its weight fingerprint is checked before any work); the
-    copy detector is `copy_detector`, else <run>/copy_detector when present; the planted manifest and
-    the distinct training images are the run's own.
+    The scan must come from this run's model (its weight fingerprint is checked before any work), and the
+    model must have a trained null condition (the scan's guided generations are made again), unless
+    `force`, which the numbers then record. The copy detector is `copy_detector`, else <run>/copy_detector
+    when present (DeepSSIM likewise: `deepssim`, else <run>/deepssim); the planted manifest and the
+    distinct training images are the run's own. A fast scan (--mode fast) is validated on its confirmed
+    prompts, the only ones with full-trajectory scores. The exposed training images of the flagged
+    prompts are added (engine.audit.exposure).
     """
     table = read_scores(scores)
     loaded = load_model(checkpoint, device=device)
     if scan_metadata(table)["scan"].get("model") != model_fingerprint(loaded):
         raise ValueError(f"{scores}: was scanned with another model than {checkpoint}")
+    record = require_null_condition(loaded, "validation (it makes the scan's guided generations again)", force)
+    if "confirmed" in table.column_names:
+        table = table.filter(pa.array(table.column("confirmed").to_pylist(), pa.bool_()))
     detector_dir = copy_detector or os.path.join(checkpoint, "copy_detector")
     detector = load_copy_detector(detector_dir, device=device) if copy_detector or os.path.isdir(detector_dir) else None
+    deepssim_dir = deepssim or os.path.join(checkpoint, "deepssim")
+    ds = load_deepssim(deepssim_dir, device=device) if deepssim or os.path.isdir(deepssim_dir) else None
     train = split_images(checkpoint, "train", progress=progress)
     try:
         heldout = split_images(checkpoint, "val", progress=progress).images
-    except ValueError:           # no held-out images: no copy threshold, so no score-vs-copies numbers
-        heldout = None
-    return validate(loaded, table, train, manifest=read_manifest(checkpoint), copy_detector=detector, opts=opts,
-                    use_clip=use_clip, heldout=heldout, scan_images=scan_images, progress=progress)
+    except ValueError as e:      # no held-out images: no copy threshold, so no score-vs-copies or exposure numbers
+        heldout, no_heldout = None, e
+    result = validate(loaded, table, train, manifest=read_manifest(checkpoint), copy_detector=detector, opts=opts,
+                      use_clip=use_clip, heldout=heldout, scan_images=scan_images, progress=progress, deepssim=ds)
+    result.numbers["null_condition"] = record
+    if heldout is None:
+        result.numbers["exposure_skipped"] = f"no held-out images to calibrate the copy threshold on ({no_heldout})"
+        return result
+    result.numbers["exposure"] = exposure_of_scan(loaded, table, train, heldout, patient_ids(read_splits(checkpoint)),
+                                                  opts, progress)
+    return result
+
+
+def exposure_of_scan(loaded, table: pa.Table, train: TrainingImages, heldout_u8: np.ndarray,
+                     patients: dict[str, str], opts: ValidationOptions, progress: bool = True) -> dict:
+    """The training images reproduced by the scan's flagged prompts (or, when the scan has no threshold,
+    by its top-k prompts, said so), with the pixel-space copy threshold calibrated on held-out images."""
+    flagged = [i for i, f in enumerate(table.column("flagged").to_pylist()) if f]
+    chosen, which = flagged, "flagged by the scan's threshold"
+    if not flagged:
+        chosen = select_prompts(table, opts)["top"]
+        which = f"the {len(chosen)} top-scoring prompts (the scan has no threshold, so none is flagged)"
+    threshold = pixel_copy_threshold(train.images, heldout_u8)
+    images, _ = regenerate(loaded, table, chosen, opts, progress)
+    prompts = [table.column("prompt")[i].as_py() for i in chosen]
+    rows = exposed_training_images(prompts, images, TrainingNeighbours(train.images, train.image_paths), threshold,
+                                   patients)
+    meta = {"threshold": threshold, "n_flagged_prompts": len(chosen), "prompts_used": which,
+            "generations": int(images.shape[1]), "n_patients": len({r["patient_id"] for r in rows}),
+            "threshold_from": f"Dar's rule on pixels: 95th percentile over training images of their best "
+                              f"correlation to the {len(heldout_u8)} held-out (val) images"}
+    return {"meta": meta, "rows": rows}

@@ -13,6 +13,7 @@ share its batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,9 @@ class DetectorSettings:
             raise ValueError(f"generations: expected >= 1, got {self.generations}")
         if self.steps < 1:
             raise ValueError(f"steps: expected >= 1, got {self.steps}")
+        if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 0):
+            # NaN would scan everything and then fail to match its own journal (NaN != NaN)
+            raise ValueError(f"guidance: expected a finite number >= 0, got {self.guidance}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {SAMPLERS}, got {self.sampler!r}")
 

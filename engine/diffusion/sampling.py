@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from engine.diffusion.finite import model_source, require_finite
 from engine.diffusion.guidance import null_tokens_like, predict_cond_uncond
 from engine.diffusion.schedule import NoiseSchedule
 from kernels.guided_step import guided_step
@@ -96,6 +97,11 @@ def sample(model, tokens: torch.Tensor, noise: torch.Tensor, schedule: NoiseSche
             norms_rms.append(n_rms.float())
         if on_step is not None:
             on_step(i, t)
+    # One check per call (a device sync), not per step: NaN propagates to the end of the trajectory.
+    require_finite(x, f"{model_source(model)}: the images sampled at w = {guidance:g} ({steps} steps)")
+    if norms_raw:
+        require_finite(torch.stack(norms_rms), f"{model_source(model)}: the conditional-noise magnitudes "
+                                                f"sampled at w = {guidance:g}")
     empty = torch.empty(0, batch)
     return SampleOutput(
         images=x.clamp(-1, 1),

@@ -25,7 +25,7 @@ class DiffusionConfig(ConfigSection):
     """The `diffusion` section of a training config (and of an exported model)."""
     SECTION = "diffusion"
     schedule: Schedule = "linear"
-    num_timesteps: int = constrained(1000, "int >= 2", lambda v: v >= 2)
+    num_timesteps: int = constrained(1000, "int in [2, 100000]", lambda v: 2 <= v <= 100_000)
     parameterization: Parameterization = "eps"
     min_snr_gamma: float | None = constrained(None, "float > 0 or null", lambda v: v > 0)
 

@@ -14,7 +14,6 @@ ground truth).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
@@ -22,6 +21,7 @@ from typing import Iterable, Sequence
 import torch
 
 from data_pipeline.atomic_files import write_text
+from data_pipeline.json_files import read_json_object
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
 from engine.audit.audit_inputs import AuditInputs
 from engine.audit.generation_audit import Comparison, audit_series, scan_generations
@@ -140,10 +140,15 @@ def edit_prompts(model, vocab: Vocabulary, tokens: torch.Tensor, ranked_position
 
 def read_significance(path: str) -> dict:
     """A tools/token_significance output (its prompts, each with `ranked_positions`); a one-line error otherwise."""
-    with open(path) as f:
-        doc = json.load(f)
-    if "prompts" not in doc:
-        raise ValueError(f"{path}: no 'prompts' key (not a tools/token_significance output)")
+    doc = read_json_object(path)
+    if not isinstance(doc.get("prompts"), list):
+        raise ValueError(f"{path}: no 'prompts' list (not a tools/token_significance output)")
+    for i, e in enumerate(doc["prompts"]):
+        positions = e.get("ranked_positions") if isinstance(e, dict) else None
+        if not (isinstance(e, dict) and isinstance(e.get("prompt"), str) and isinstance(positions, list)
+                and all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p for p in positions)):
+            raise ValueError(f"{path}: prompts[{i}]: expected {{\"prompt\": text, \"ranked_positions\": "
+                             f"[token positions]}}")
     return doc
 
 
@@ -161,6 +166,10 @@ def audit_prompt_edits(loaded, significance: dict, significance_path: str, input
     originals = PromptList([e["prompt"] for e in entries],
                            [f"{significance_path}:prompts[{i}]" for i in range(len(entries))])
     tokens = encode_prompts(loaded.vocab, originals)
+    for i, e in enumerate(entries):
+        if any(p >= tokens.shape[1] for p in e["ranked_positions"]):
+            raise ValueError(f"{significance_path}:prompts[{i}]: ranked_positions go past the model's "
+                             f"{tokens.shape[1]} token positions")
     known = []
     if exclude_planted and inputs.manifest:
         known = [loaded.vocab.id_of(e["token"]) for e in inputs.manifest.get("planted", [])

@@ -18,6 +18,7 @@ import torch
 from data_pipeline.images import to_model_range
 from engine.audit.prompt_lists import PromptList, encode_prompts
 from engine.audit.run_data import load_split_cache, read_splits
+from engine.diffusion.finite import model_source, require_finite
 from engine.training.screening import magnitude_profile
 
 
@@ -69,6 +70,7 @@ def screening_threshold(loaded, examples: TrainingExamples, manifest: dict | Non
         raise ValueError(f"quantile: expected a number in (0, 1), got {quantile}")
     ts, mag = magnitude_profile(loaded.model, loaded.schedule, examples.x0, examples.tokens, draws=draws, seed=seed,
                                 parameterization=loaded.diffusion_config.parameterization)
+    require_finite(mag, f"{model_source(loaded.model)}: the conditional-noise magnitudes of the training examples")
     tau = float(torch.quantile(mag.flatten(), quantile))
     planted_paths = {e["image_path"] for e in (manifest or {}).get("planted", [])}
     planted = torch.tensor([p in planted_paths for p in examples.image_paths])

@@ -21,10 +21,12 @@ from tqdm import tqdm
 
 from data_pipeline.vocab import NULL_ID, PAD_ID, Vocabulary
 from engine.audit.prompt_lists import PromptList, encode_prompts
+from engine.diffusion.finite import model_source, require_finite
 from engine.diffusion.guidance import conditional_noise_magnitude, null_tokens_like
 from engine.diffusion.sampling import step_coefficients, timestep_sequence
 from engine.diffusion.schedule import NoiseSchedule
 from engine.diffusion.seeds import prompt_noise, prompt_seeds
+from engine.model.null_condition import require_null_condition
 from kernels.guided_step import guided_step
 
 
@@ -119,11 +121,14 @@ def token_scores(result: SignificanceResult, vocab: Vocabulary, prompt: int) -> 
 
 
 def significance_document(loaded, prompt_list: PromptList, *, steps: int = 50, guidance: float = 7.5,
-                          generations: int = 4, seed: int = 0, batch_size: int = 16, progress: bool = True) -> dict:
+                          generations: int = 4, seed: int = 0, batch_size: int = 16, force: bool = False,
+                          progress: bool = True) -> dict:
     """Token significance of every prompt of a list under an exported model (`loaded`), along the
     guided DDIM trajectory from the scan's seeds (prompt i: seed + i), as a JSON-able document:
     per prompt its tokens with their SS, the positions ranked most significant first, and the mean
-    conditional-noise norm along the trajectory."""
+    conditional-noise norm along the trajectory. L needs the null condition: a model trained with
+    p_uncond 0 is refused unless `force` (engine.model.null_condition), recorded in the document."""
+    record = require_null_condition(loaded, "token significance (L = ||eps_c - eps_u||)", force)
     tokens = encode_prompts(loaded.vocab, prompt_list)          # fails on a bad prompt before any work
     cfg = loaded.unet_config
     seeds = prompt_seeds(range(len(tokens)), seed)
@@ -132,6 +137,8 @@ def significance_document(loaded, prompt_list: PromptList, *, steps: int = 50, g
     res = token_significance(loaded.model, tokens, noise, loaded.schedule, generations=generations, steps=steps,
                              guidance=guidance, parameterization=loaded.diffusion_config.parameterization,
                              batch_size=batch_size, progress=progress)
+    require_finite(res.norms_raw, f"{model_source(loaded.model)}: the conditional-noise magnitudes along the trajectory")
+    require_finite(res.scores, f"{model_source(loaded.model)}: the token significance scores")
     elements = noise[0].numel()
     entries = [{"prompt": prompt, "seed": seeds[p], "tokens": token_scores(res, loaded.vocab, p),
                 "ranked_positions": res.ranked_positions(p),
@@ -140,4 +147,4 @@ def significance_document(loaded, prompt_list: PromptList, *, steps: int = 50, g
                for p, prompt in enumerate(prompt_list.prompts)]
     return {"checkpoint": str(loaded.path), "steps": steps, "guidance": guidance, "generations": generations,
             "base_seed": seed, "definition": "SS_i = mean_t ||grad_{e_i} ||eps_c - eps_u||_2||^2 (guided trajectory)",
-            "prompts": entries}
+            "null_condition": record, "prompts": entries}

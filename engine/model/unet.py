@@ -24,28 +24,36 @@ from engine.model.attention import BACKENDS, attention
 from engine.model.prompt_encoder import PromptEncoder
 
 
-def _at_least(default: int, low: int):
-    return constrained(default, f"int >= {low}", lambda v: v >= low)
+def _in_range(default: int, low: int, high: int):
+    return constrained(default, f"int in [{low}, {high}]", lambda v: low <= v <= high)
+
+
+# Upper bounds far above any model this project trains (the GPU config: 128 channels x (1, 2, 3, 4)),
+# so that a tampered or mistyped size is refused while reading the config, before the network is
+# built: num_res_blocks 10**7 would otherwise build modules until memory runs out.
+MAX_CHANNELS, MAX_MULT, MAX_LEVELS, MAX_BLOCKS = 16384, 16, 8, 32
 
 
 @dataclass(frozen=True)
 class UNetConfig(ConfigSection):
     """The `model` section of a training config (and of an exported model)."""
     SECTION = "model"
-    image_size: int = _at_least(64, 8)
-    in_channels: int = _at_least(1, 1)
-    base_channels: int = constrained(64, "even int >= 4", lambda v: v >= 4 and v % 2 == 0)
-    channel_mult: tuple[int, ...] = constrained((1, 2, 2, 2), "a non-empty list of ints >= 1",
-                                                lambda v: len(v) >= 1 and min(v) >= 1)
-    num_res_blocks: int = _at_least(2, 1)
+    image_size: int = _in_range(64, 8, 4096)
+    in_channels: int = _in_range(1, 1, 16)
+    base_channels: int = constrained(64, f"even int in [4, {MAX_CHANNELS}]",
+                                     lambda v: 4 <= v <= MAX_CHANNELS and v % 2 == 0)
+    channel_mult: tuple[int, ...] = constrained((1, 2, 2, 2), f"1 to {MAX_LEVELS} ints in [1, {MAX_MULT}]",
+                                                lambda v: 1 <= len(v) <= MAX_LEVELS and 1 <= min(v)
+                                                and max(v) <= MAX_MULT)
+    num_res_blocks: int = _in_range(2, 1, MAX_BLOCKS)
     attention_resolutions: tuple[int, ...] = (16, 8)
-    num_heads: int = _at_least(4, 1)
+    num_heads: int = _in_range(4, 1, 256)
     dropout: float = constrained(0.0, "float in [0, 1)", lambda v: 0.0 <= v < 1.0)
-    vocab_size: int = _at_least(128, 2)
-    max_tokens: int = _at_least(32, 1)
-    context_dim: int = 128
-    encoder_layers: int = _at_least(2, 0)
-    encoder_heads: int = _at_least(4, 1)
+    vocab_size: int = _in_range(128, 2, 1 << 20)
+    max_tokens: int = _in_range(32, 1, 4096)
+    context_dim: int = _in_range(128, 1, 16384)
+    encoder_layers: int = _in_range(2, 0, 64)
+    encoder_heads: int = _in_range(4, 1, 256)
     attention_backend: str = constrained("sdpa", f"one of {', '.join(BACKENDS)}", lambda v: v in BACKENDS)
     grad_checkpointing: bool = False
     extra: dict = field(default_factory=dict)  # reserved for forward-compatible additions
@@ -58,6 +66,12 @@ class UNetConfig(ConfigSection):
         if self.context_dim < 1 or self.context_dim % self.encoder_heads:
             raise FieldError("context_dim", f"expected a positive multiple of encoder_heads "
                                             f"({self.encoder_heads}), got {self.context_dim}")
+        # attention splits channels into heads: at every level with attention and in the middle block
+        attended = [m for i, m in enumerate(self.channel_mult) if self.image_size >> i in self.attention_resolutions]
+        for mult in attended + [self.channel_mult[-1]]:
+            if (self.base_channels * mult) % self.num_heads:
+                raise FieldError("num_heads", f"expected a divisor of every attended channel count, "
+                                              f"{self.base_channels * mult} (base_channels x {mult}) is not")
 
     def to_dict(self) -> dict:
         return asdict(self)

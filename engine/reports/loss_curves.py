@@ -18,15 +18,33 @@ METRICS = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] without one). Each must be an object with an integer
+    "step" and, when it has one, a numeric "loss": the file may come from anyone, and its values end
+    up in plots and pages. A bad line is a one-line error naming the file and line."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         line = line.strip()
-        if line:
-            rows.append(json.loads(line))
+        if not line:
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}:{number}: not a JSON line ({type(e).__name__})") from None
+        if not isinstance(row, dict) or not _is_int(row.get("step")) or not _is_number(row.get("loss", 0.0)):
+            raise ValueError(f"{path}:{number}: expected an object with an integer \"step\" and a numeric \"loss\"")
+        rows.append(row)
     return rows
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:

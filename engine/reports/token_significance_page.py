@@ -38,9 +38,9 @@ def heat_strip_html(tokens: list[str], scores: list[float], title: str | None = 
     return f'<div class="heat-strip" style="margin:4px 0">{head}{"".join(chips)}</div>'
 
 
-def significance_report_html(entries: list[dict], heading: str = "Token significance") -> str:
+def significance_report_html(entries: list[dict], heading: str = "Token significance", warning: str = "") -> str:
     """A whole page: one heat strip per entry {prompt, tokens: [{token, score}], mean_norm_rms}."""
-    body = []
+    body = [f"<p style='color:#b00;font-weight:bold'>{html.escape(warning)}</p>"] if warning else []
     for e in entries:
         title = f"{e['prompt']}   (mean L per element {e.get('mean_norm_rms', float('nan')):.4g})"
         body.append(heat_strip_html([t["token"] for t in e["tokens"]], [t["score"] for t in e["tokens"]], title))
@@ -57,5 +57,8 @@ def write_significance(out_path: str, document: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     write_json(out_path, document)
     html_path = os.path.splitext(out_path)[0] + ".html"
-    write_text(html_path, significance_report_html(document["prompts"]))
+    forced = (document.get("null_condition") or {}).get("forced_without_null_condition")
+    warning = ("FORCED: this model was trained with conditioning.p_uncond = 0; its null prompt was never trained, "
+               "so L and these scores are meaningless.") if forced else ""
+    write_text(html_path, significance_report_html(document["prompts"], warning=warning))
     return html_path

@@ -11,11 +11,12 @@ at C: that is what the accountant (engine.training.privacy) assumes.
 
 How it is computed:
   * norms: `kernels.dp_clip.PerSampleNormHooks` ("ghost" norms from each layer's activations and
-    output gradients, no per-sample gradient materialised), then the re-weighted backward of
-    sum_i c_i loss_i. With K > 1 one example is K consecutive rows of the network batch; the hooks
-    fold them into the example's positions. When the model has a layer without a per-sample rule,
-    the exact fallback "vmap" forms per-sample gradients with torch.func in chunks of samples
-    (memory: chunk x parameters).
+    output gradients, no per-sample gradient materialised), then sum_i c_i g_i layer by layer from
+    the same activations. With K > 1 one example is K consecutive rows of the network batch; the
+    hooks fold them into the example's positions. The exact alternative "vmap" forms per-sample
+    gradients with torch.func in chunks of samples (memory: chunk x parameters); it is used when the
+    model has a layer without a per-sample rule, and by "auto" when it is the faster of the two on
+    the model and first batch (`choose_norm_method`: both timed at the first step).
   * several ranks: every rank clips its own samples, the clipped sums are all-reduced (SUM), and
     the noise is added AFTER the reduction on every rank from the same Philox seed, so it is added
     once for the global batch and every rank holds the same gradient. With the same samples this is
@@ -46,7 +47,7 @@ from data_pipeline.config_schema import ConfigSection, FieldError, constrained
 from data_pipeline.keyed_random import keyed_seed
 from engine.training.diffusion_loss import Batch, LossFn
 from engine.training.privacy import Accountant, solve_noise_multiplier
-from kernels.dp_clip import PerSampleNormHooks, add_noise_and_scale_, clip_factors
+from kernels.dp_clip import PerSampleNormHooks, add_noise_and_scale_, clip_factors, fastest
 
 log = logging.getLogger(__name__)
 NOISE_TAG = 0x4015E   # keyed_random purpose tag of the Gaussian noise's seed
@@ -173,6 +174,33 @@ def _vmap_clipped_sum(model: nn.Module, loss_fn: LossFn, batch: Batch, clip_norm
     return torch.cat(norms), torch.cat(losses)
 
 
+def choose_norm_method(model: nn.Module, hooks: PerSampleNormHooks, loss_fn: LossFn, batch: Batch,
+                       clip_norm: float, vmap_chunk: int, repeats: int = 2) -> dict[str, float]:
+    """Seconds of one clipped sum of `batch` by the norm hooks ("hooks") and by torch.func
+    ("torch_func"), the fastest of 1 + `repeats` interleaved calls each (the first call warms up;
+    the hooks time their per-layer rules on theirs). Both are exact, so the faster one is kept by
+    `dp.norm_method: auto`. The trial calls change nothing training sees: the global RNG state is
+    restored (dropout, vmap's randomness) and .grad cleared; no noise is drawn."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+
+    def by_hooks() -> None:
+        hooks.discard()
+        hooks.clipped_backward(loss_fn(model, batch), clip_norm)
+
+    def by_torch_func() -> None:
+        _vmap_clipped_sum(model, loss_fn, batch, clip_norm, vmap_chunk)
+        hooks.discard()   # the hooks saw the functional forward too
+
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return fastest({"hooks": by_hooks, "torch_func": by_torch_func}, device, repeats=1 + repeats)
+    finally:
+        hooks.discard()
+        for p in params:
+            p.grad = None
+
+
 class DPSGD:
     """Replaces `loss.backward()` of a training step; the caller then runs `optimizer.step()`.
 
@@ -194,6 +222,7 @@ class DPSGD:
         self._noise_key = None if cfg.reproducible_noise_voids_guarantee else self._os_secret()
         self.method = cfg.norm_method
         self.hooks: PerSampleNormHooks | None = None
+        self.norm_seconds: dict[str, float] = {}   # "auto": the first step's timing of both paths
         if self.method in ("auto", "ghost"):
             try:   # the loss repeats each example K times consecutively (diffusion_loss_fn)
                 self.hooks = PerSampleNormHooks(model, rows_per_sample=cfg.noise_multiplicity)
@@ -228,7 +257,25 @@ class DPSGD:
         key = self.seed if self._noise_key is None else self._noise_key
         return keyed_seed(key, step, NOISE_TAG)
 
+    def _choose(self, loss_fn: LossFn, batch: Batch) -> None:
+        """norm_method auto, first non-empty batch: keep the faster exact path (this rank's timing)."""
+        try:
+            self.norm_seconds = choose_norm_method(self.model, self.hooks, loss_fn, batch, self.cfg.clip_norm,
+                                                   self.cfg.vmap_chunk)
+        except ValueError as exc:   # a layer failed a runtime check of the hooks
+            self._fall_back(exc)
+            return
+        hooks_s, func_s = self.norm_seconds["hooks"], self.norm_seconds["torch_func"]
+        log.info("DP-SGD norm_method auto: clipped sum of a batch of %d by norm hooks %.1f ms, by torch.func "
+                 "%.1f ms: using %s", next(iter(batch.values())).shape[0], 1e3 * hooks_s, 1e3 * func_s,
+                 "torch.func" if func_s < hooks_s else "the norm hooks")
+        if func_s < hooks_s:
+            self.hooks.remove()
+            self.hooks, self.method = None, "vmap"
+
     def _local_clipped_sum(self, loss_fn: LossFn, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method == "auto" and not self.norm_seconds:
+            self._choose(loss_fn, batch)
         if self.method == "vmap":
             return _vmap_clipped_sum(self.model, loss_fn, batch, self.cfg.clip_norm, self.cfg.vmap_chunk)
         losses = loss_fn(self.model, batch)
@@ -278,6 +325,9 @@ class DPSGD:
             offset += p.numel()
         size, clipped, norm_sum, loss_sum = totals.tolist()   # one host sync per step, not four
         n = max(size, 1.0)
+        # which exact path computed the norms, and (auto) the timings it was chosen by, in every log row
+        timing = {f"dp/norm_seconds_{k}": v for k, v in self.norm_seconds.items()}
         return {"dp/batch_size": size, "dp/clipped_fraction": clipped / n,
                 "dp/grad_norm_mean": norm_sum / n, "loss": loss_sum / n,
-                "dp/noise_std": self.resolved.noise_multiplier * self.cfg.clip_norm / self.resolved.expected_batch_size}
+                "dp/noise_std": self.resolved.noise_multiplier * self.cfg.clip_norm / self.resolved.expected_batch_size,
+                "dp/norms_by_hooks": float(self.hooks is not None), **timing}
