@@ -47,7 +47,7 @@ def ground_truth_table(dose: dict) -> HeadlineTable | None:
     return HeadlineTable(
         f"1. Did memorization happen? Planted ground truth at step {last['step']} (pixels, no learned model)",
         ["copies", "kind", "nearest training image is the planted one [95%] n prompts", "null rate [95%]",
-         "detection AUC, eval. half [95%] n+"], rows,
+         "detection AUC of this dose (both kinds), eval. half [95%] n+"], rows,
         [dose["regime"], "Null rate: other prompts' generations whose nearest training image is that planted image. "
                          "Against training length: dose_response/dose_response.html."])
 
