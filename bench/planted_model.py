@@ -20,7 +20,7 @@ from bench.train_step import MemdiffTrainStep
 from data_pipeline.config_schema import build
 from data_pipeline.dataset import PreparedData, data_config, prepare_dataset
 from data_pipeline.loaders import make_loader
-from engine.audit.planted_truth import prompt_groups
+from engine.audit.planted_truth import describe_manifest, prompt_groups
 from engine.diffusion.schedule import NoiseSchedule
 from engine.model.unet import ConditionalUNet, UNetConfig
 
@@ -79,7 +79,7 @@ def train_planted_model(prepared: PreparedData, *, steps: int, batch: int = 32, 
     groups = prompt_groups(prompts, prepared.manifest)
     manifest = prepared.manifest
     desc = (f"demo U-Net trained in-process for {steps} steps of batch {batch}, lr {lr:g}, on {len(train)} training images "
-            f"({manifest['k']} planted images x {manifest['copies']} copies, {manifest['k']} control tokens)")
+            f"({describe_manifest(manifest)})")
     return PlantedModel(model, schedule, prompts, groups, prepared.vocab.encode_batch(prompts), desc)
 
 
@@ -95,5 +95,5 @@ def planted_model_from_run(run_dir: str) -> PlantedModel:
     prompts = list(prompt_counts(run_dir))
     groups = prompt_groups(prompts, manifest)
     desc = (f"trained run {run_dir} ({loaded.unet_config.image_size} px, {len(prompts)} distinct training prompts, "
-            f"{manifest['k']} planted images x {manifest['copies']} copies)")
+            f"{describe_manifest(manifest)})")
     return PlantedModel(loaded.model.eval(), loaded.schedule, prompts, groups, loaded.vocab.encode_batch(prompts), desc)

@@ -35,11 +35,16 @@ class CachedImages:
     path: str = ""                # the .npy file
 
 
+def open_gray(img: Image.Image) -> Image.Image:
+    """An opened image as 8-bit grayscale (RGBA/RGB converted, 16-bit scaled down to 8 bits)."""
+    return img.convert("L") if img.mode != "I;16" else img.point(lambda v: v / 256).convert("L")
+
+
 def decode_image(path: str, size: int) -> np.ndarray:
     """One image as uint8 [size, size] grayscale (RGBA/RGB/16-bit converted to 8-bit L)."""
     with Image.open(path) as img:
         img.draft("L", (size, size))      # JPEG: let the decoder downscale by 1/2..1/8 for free
-        img = img.convert("L") if img.mode != "I;16" else img.point(lambda v: v / 256).convert("L")
+        img = open_gray(img)
         img = img.resize((size, size), Image.BILINEAR)   # PIL's bilinear filter antialiases on reduction
         return np.asarray(img, dtype=np.uint8)
 

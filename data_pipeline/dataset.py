@@ -20,22 +20,14 @@ from .cache import MAX_SIZE, MIN_SIZE, load_or_build_cache
 from .chexpert import UNCERTAINTY_POLICIES, read_chexpert
 from .config_schema import REQUIRED, ConfigSection, build, constrained, to_jsonable
 from .nih import read_nih
-from .planted import manifest_tokens, plant_duplicates
+from .planted import PlantedConfig, manifest_tokens, plant_duplicates, write_near_copies
 from .prompts import prompt_for
 from .records import XrayRecord
 from .splits import SPLIT_NAMES, split_by_patient
 from .vocab import Vocabulary
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PlantedConfig(ConfigSection):
-    """Planted duplicates in the train split (data_pipeline.planted): k images, `copies` copies each."""
-    SECTION = "data.planted"
-    k: int = constrained(REQUIRED, "int >= 1", lambda v: v >= 1)
-    copies: int = constrained(REQUIRED, "int >= 1", lambda v: v >= 1)
-    seed: int = 0
+PLANTED_IMAGES = "planted_images"   # <run_dir>/planted_images/: the near copies of planted duplicates
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,7 +54,7 @@ class DataConfig(ConfigSection):
     cache_dir: str | None = None           # where the uint8 cache lives (null: <run_dir>/cache)
     max_len: int = constrained(32, "int in [2, 256]", lambda v: 2 <= v <= 256)   # prompt length in tokens
     patient_tokens: bool = False           # add a per-patient extra token `pt<patient id>` to every prompt
-    planted: PlantedConfig | None = None   # planted duplicates in the train split
+    planted: PlantedConfig | None = None   # planted duplicates in the train split (data_pipeline.planted)
     # format "synthetic": how many images to generate, their seed and width in pixels
     synthetic_images: int = constrained(1000, "int > 0", lambda v: v > 0)
     synthetic_seed: int = 0
@@ -116,6 +108,21 @@ def _patient_token(patient_id: str) -> str:
     return "pt" + re.sub(r"[^A-Za-z0-9_\-.]", "_", patient_id)
 
 
+def _near_copy_pixels(manifest: dict, cfg: DataConfig, run_dir: str, progress: bool) -> dict[str, np.ndarray]:
+    """Write the manifest's near copies (kept when already there) and read them through the cache."""
+    paths = [p for e in manifest["planted"] if e["kind"] == "near" for p in e["copy_paths"]]
+    if not paths:
+        return {}
+    written = write_near_copies(manifest)
+    log.info("near duplicates: %d images in %s (%d written now)", len(paths), os.path.join(run_dir, PLANTED_IMAGES),
+             written)
+    cache = load_or_build_cache(paths, cfg.image_size, cfg.cache_dir or os.path.join(run_dir, "cache"),
+                                progress=progress)
+    if not cache.ok.all():
+        raise ValueError(f"data.planted: near copy unreadable: {cache.skipped[0]}")
+    return dict(zip(paths, np.asarray(cache.images)))
+
+
 def prepare_dataset(cfg: DataConfig, run_dir: str, progress: bool = True) -> PreparedData:
     """Read, cache, split, plant and tokenize the dataset described by `cfg`."""
     os.makedirs(run_dir, exist_ok=True)
@@ -139,9 +146,11 @@ def prepare_dataset(cfg: DataConfig, run_dir: str, progress: bool = True) -> Pre
 
     split_records = split_by_patient(records, cfg.split_fractions, cfg.split_seed)
     manifest = None
+    pixels = {r.image_path: cache.images[row_of[r.image_path]] for r in records}
     if cfg.planted is not None:
-        p = cfg.planted
-        split_records["train"], manifest = plant_duplicates(split_records["train"], p.k, p.copies, p.seed)
+        split_records["train"], manifest = plant_duplicates(split_records["train"], cfg.planted,
+                                                            os.path.join(run_dir, PLANTED_IMAGES))
+        pixels.update(_near_copy_pixels(manifest, cfg, run_dir, progress))
 
     extra = []
     if cfg.patient_tokens:
@@ -153,10 +162,10 @@ def prepare_dataset(cfg: DataConfig, run_dir: str, progress: bool = True) -> Pre
     splits = {}
     for name in SPLIT_NAMES:
         recs = split_records[name]
-        rows = np.array([row_of[r.image_path] for r in recs], dtype=np.int64)
         prompts = [prompt_for(r) for r in recs]
         tokens = torch.tensor([vocab.tokens_for(r) for r in recs], dtype=torch.long).reshape(len(recs), vocab.max_len)
-        images = np.asarray(cache.images[rows])   # planted copies repeat their row
+        images = np.stack([pixels[r.image_path] for r in recs]) if recs else np.zeros(
+            (0, cfg.image_size, cfg.image_size), np.uint8)   # exact planted copies repeat their source's pixels
         splits[name] = SplitData(images, tokens, prompts, recs)
 
     vocab.save(os.path.join(run_dir, "vocab.json"))

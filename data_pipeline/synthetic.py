@@ -141,7 +141,7 @@ def make_synthetic_chexpert(out_dir: str, n_images: int, seed: int, image_size: 
     entries = _plan(n_images, rng, label_rows)
     rows = {"train": [], "valid": []}
     for entry in tqdm(entries, desc="synthetic CheXpert", unit="img", disable=not progress):
-        anatomy = Anatomy.sample(np.random.default_rng(entry["anatomy_seed"]))
+        anatomy = Anatomy.sample(np.random.default_rng(entry["anatomy_seed"]), sex=entry["sex"])
         image_rng = np.random.default_rng(entry["image_seed"])
         strengths = _strengths(entry["labels"], image_rng)
         render = render_frontal if entry["view"] == "frontal" else render_lateral

@@ -167,7 +167,7 @@ def test_validation_report_numbers_and_escaping(loaded, tmp_path):
     from engine.audit.clip_embedding import ClipSpec
     from engine.audit.copy_detection import CopyDetectorConfig, train_copy_detector
     from engine.audit.run_data import TrainingImages
-    from engine.audit.validation import ValidationOptions, validate
+    from engine.audit.validation import ValidationOptions, regenerate, validate
     from engine.reports.audit_report import write_report
 
     settings = DetectorSettings(generations=2, steps=2)
@@ -186,7 +186,9 @@ def test_validation_report_numbers_and_escaping(loaded, tmp_path):
                                                                                         batch_size=8), progress=False)
     opts = ValidationOptions(top_k=2, bottom_k=2, spread=5, bootstrap=50, clip=ClipSpec("memdiff-tiny"),
                              cache_dir=str(tmp_path / "cache"))
-    result = validate(loaded, table, train, manifest=manifest, copy_detector=detector, opts=opts, progress=False)
+    heldout = rng.integers(0, 256, (8, 16, 16), dtype=np.uint8)
+    result = validate(loaded, table, train, manifest=manifest, copy_detector=detector, opts=opts, heldout=heldout,
+                      progress=False)
     html_path, json_path = write_report(result, str(tmp_path / "report"))
     page = open(html_path).read()
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -194,13 +196,30 @@ def test_validation_report_numbers_and_escaping(loaded, tmp_path):
     assert numbers["regenerated_score_max_abs_diff"] < 1e-5         # same seeds reproduce the scan
     assert set(numbers["spearman_score_vs_nearest_similarity"]) == {
         "pixel_correlation", "ssim", "clip_cosine", "dar_correlation"}
-    assert numbers["roc"]["score/planted_vs_control"]["n_positive"] == 1
+    assert numbers["roc"] == {}            # one planted prompt, one control: too few for an AUC, none is made up
     assert 0 <= numbers["dar"]["copy_fraction"] <= 1 and numbers["planted"]["n_planted_prompts"] == 1
     # The reported nearest pixel correlation of a prompt is the brute-force maximum over its generations.
     entry = numbers["prompts"][0]
     gen = result.generated[0].reshape(2, -1).astype(np.float64)
     brute = max(np.corrcoef(g, t.ravel().astype(np.float64))[0, 1] for g in gen for t in train.images)
     assert entry["neighbors"]["pixel_correlation"]["nearest"] == pytest.approx(brute, abs=1e-5)
+    # Score vs copies over ALL scanned prompts, against brute force: Dar's rule on pixels, Spearman, deciles.
+    from scipy.stats import spearmanr
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float64)  # noqa: E731
+    corr = lambda a, b: np.corrcoef(flat(a), flat(b))[:len(a), len(a):]  # noqa: E731
+    threshold = np.percentile(corr(train.images, heldout).max(1), 95)
+    sv = numbers["score_vs_copies"]
+    assert sv["copy_threshold"] == pytest.approx(threshold, abs=1e-5) and sv["n_prompts"] == 5
+    assert sv["selection_max_abs_pixel_diff"] == 0 and sv["generations_source"] == "made again from the scan's seeds"
+    everything, _ = regenerate(loaded, table, list(range(5)), opts, progress=False)
+    from data_pipeline.images import to_uint8
+    gens = to_uint8(everything)
+    nearest = np.array([[corr(g[None], train.images).max() for g in row] for row in gens])
+    assert sv["spearman_all_prompts"]["rho"] == pytest.approx(
+        spearmanr(table.column("score").to_numpy(), nearest.max(1)).statistic)
+    assert sv["copy_rate_all"] == pytest.approx((nearest > threshold).mean())
+    assert sum(d["n_prompts"] for d in sv["copy_rate_by_score_decile"]) == 5
+    assert "Do high scores go with copies?" in page
 
 
 def test_scan_checkpoint_of_a_run_with_train_prompts(tmp_path):
@@ -234,8 +253,12 @@ def test_scan_checkpoint_of_a_run_with_train_prompts(tmp_path):
     assert [(r["prompt"], r["train_count"], r["group"]) for r in rows] == [
         (PROMPTS[0], 1, "ordinary"), (PROMPTS[1], 1, "ordinary"), (PROMPTS[2], 2, "planted"),
         (PROMPTS[3], 1, "control")]
-    assert set(res.metrics) == {"score/planted_vs_control", "score/planted_vs_ordinary",
-                                "first_step_score/planted_vs_control", "first_step_score/planted_vs_ordinary"}
+    # one planted prompt and one control: whichever half each lands in, no AUC can be computed, and it says so
+    assert set(res.metrics) - {"operating_point"} <= {"score/planted_vs_control", "score/planted_vs_ordinary",
+                                                      "first_step_score/planted_vs_control",
+                                                      "first_step_score/planted_vs_ordinary"}
+    assert all("auc" not in m and m["n_positive"] <= 1 for k, m in res.metrics.items() if k != "operating_point")
+    assert json.loads((tmp_path / "scores.metrics.json").read_text())["metrics"] == res.metrics
     images = split_images(str(run), "train", progress=False)
     assert images.image_paths == paths[:3] and images.images.shape == (3, 32, 32)
     assert images.images[1].mean() == pytest.approx(40, abs=1)

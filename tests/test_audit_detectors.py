@@ -331,7 +331,8 @@ def test_benchmark_evaluates_on_the_evaluation_half_and_fits_on_the_calibration_
 def test_exposure_aggregates_reproduced_training_images_per_image_and_patient(tmp_path):
     import pyarrow.parquet as pq
 
-    from engine.audit.exposure import exposed_training_images, pixel_copy_threshold, write_exposure
+    from engine.audit.copy_rule import pixel_copy_threshold
+    from engine.audit.exposure import exposed_training_images, write_exposure
     from engine.reports.exposure import exposure_section_html
     rng = np.random.default_rng(0)
     train_u8 = rng.integers(0, 256, (10, 12, 12), dtype=np.uint8)
@@ -478,7 +479,7 @@ def test_fast_scan_confirms_the_top_with_the_full_scans_rows_and_resumes_from_it
 def test_validation_guard_and_exposed_training_images_of_flagged_prompts(tmp_path):
     import pyarrow.parquet as pq
 
-    from engine.audit.exposure import pixel_copy_threshold
+    from engine.audit.copy_rule import pixel_copy_threshold
     from engine.audit.run_data import split_images
     from engine.audit.scan import read_scores, scan_checkpoint
     from engine.audit.validation import ValidationOptions, regenerate, validate_checkpoint

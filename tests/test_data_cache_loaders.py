@@ -42,7 +42,8 @@ def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("data")
     root = make_synthetic_chexpert(str(base / "CheXpert-v1.0-small"), 60, seed=0, image_size=64, progress=False)
     cfg = {"format": "synthetic", "root": root, "image_size": 32, "cache_dir": str(base / "cache"),
-           "planted": {"k": 2, "copies": 3, "seed": 0}, "split_fractions": [0.7, 0.15, 0.15]}
+           "planted": {"k": 1, "copies": [2, 3], "kinds": ["exact", "near"], "seed": 0},
+           "split_fractions": [0.7, 0.15, 0.15]}
     return prepare_dataset(data_config(cfg), str(base / "run"), progress=False), base
 
 
@@ -82,9 +83,18 @@ def test_prepare_dataset_outputs(prepared):
     for i in range(len(train)):
         assert data.vocab.decode(train.tokens[i].tolist()) == train.prompts[i]
         assert np.array_equal(train.images[i], decode_image(train.records[i].image_path, 32))
-    planted = data.manifest["planted"][0]
-    rows = [i for i, r in enumerate(train.records) if planted["token"] in r.extra_tokens]
-    assert len(rows) == 3 and all(np.array_equal(train.images[rows[0]], train.images[i]) for i in rows)
+    for planted in data.manifest["planted"]:
+        rows = [i for i, r in enumerate(train.records) if planted["token"] in r.extra_tokens]
+        assert [train.records[i].image_path for i in rows] == planted["copy_paths"]
+        source = decode_image(planted["image_path"], 32)
+        if planted["kind"] == "exact":
+            assert all(np.array_equal(train.images[i], source) for i in rows)
+        else:   # near copies: files in the run directory, each changed a little from the source
+            assert all(p.startswith(str(run / "planted_images")) for p in planted["copy_paths"])
+            corr = [np.corrcoef(train.images[i].ravel(), source.ravel())[0, 1] for i in rows]
+            assert all(0.8 < c < 1.0 for c in corr), corr
+    again = prepare_dataset(data.config, str(run), progress=False)   # a resumed run: same files, same data
+    assert again.manifest == data.manifest and np.array_equal(again.splits["train"].images, train.images)
 
 
 @pytest.mark.parametrize("bad, key", [({"colour": 1}, "data.colour"), ({"image_size": 16}, "data.image_size"),

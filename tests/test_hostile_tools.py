@@ -215,6 +215,9 @@ def _per_tool_cases(run: Path, tmp: Path) -> dict:
                                    "error: Invalid value for '--lr': 'NaN' is not a finite number", out),
         "make_synthetic_chexpert": (["--out", str(parent / "data"), "--images", "4"],
                                     f"error: Invalid value for '--out': {parent / 'data'}: {tail}", None),
+        "dose_response": (["--run", str(run), "--out", str(out), "--guidance", "nan"],
+                          "error: Invalid value for '--guidance': 'nan' is not a finite number", out),
+        "dataset_stats": ([str(out)], f"error: {out}: neither an NIH table", out),
         "demo": (["--out", str(out), "--fresh"],
                  f"error: Invalid value for '--out': {out} holds files but is not a demo output (no .done/); "
                  f"use a new or empty folder", out),
@@ -262,7 +265,8 @@ def test_guidance_is_refused_the_same_way_by_every_tool(run_dir, tmp_path, capsy
              "mitigate": ["guidance", "--checkpoint", str(run_dir), "--out", str(out)],
              "benchmark_detectors": ["--checkpoint", str(run_dir), "--out", str(out)],
              "benchmark_similarity": ["--checkpoint", str(run_dir), "--out", str(out)],
-             "study_mitigations": ["--config", str(REPO / "configs" / "demo_cpu.json"), "--out", str(out)]}
+             "study_mitigations": ["--config", str(REPO / "configs" / "demo_cpu.json"), "--out", str(out)],
+             "dose_response": ["--run", str(run_dir), "--out", str(out)]}
     assert sorted(calls) == [n for n in TOOLS if '"--guidance"' in (REPO / "tools" / n).read_text()]
     assert "sample" in calls and len(calls) >= 8
     for name, args in calls.items():
@@ -631,7 +635,7 @@ def test_train_deepssim_refuses_a_split_without_patient_ids_before_training(run_
 # ----------------------------------------------------------------------------- pages
 
 # Every module of engine/reports that writes markup, each rendered below with markup in every field it shows.
-PAGES_TESTED = {"audit_report", "cfg_vs_nocfg", "comparison_page", "conditions_table", "demo_index",
+PAGES_TESTED = {"audit_report", "cfg_vs_nocfg", "comparison_page", "conditions_table", "demo_index", "dose_response_page",
                 "detector_benchmark", "exposure", "mitigation_study_page", "similarity_benchmark_page",
                 "token_significance_page"}
 MARKUP = re.compile(r"<(html|table|h[1-4]|pre|ul|p|div|span)[ >]")
@@ -710,7 +714,7 @@ def test_the_comparison_page_escapes_names_prompts_groups_and_notes(run_dir):
 
 
 def test_the_token_significance_and_demo_pages_escape_every_field(tmp_path):
-    from engine.reports.demo_index import headline_lines, write_index
+    from engine.reports.demo_index import headline_tables, write_index
     from engine.reports.token_significance_page import significance_report_html
     entries = [{"prompt": XSS.format("p"), "mean_norm_rms": 0.5,
                 "tokens": [{"token": XSS.format("tok"), "score": 1.0}, {"token": "lateral", "score": 0.5}]}]
@@ -718,13 +722,26 @@ def test_the_token_significance_and_demo_pages_escape_every_field(tmp_path):
                     [XSS.format("p"), XSS.format("tok"), XSS.format("h")])
     audit = {"copying": {"planted_pixels": {"nearest_is_planted_fraction": 0.5, "nearest_is_planted_ci95": [0, 1],
                                             "null_rate": 0.1}},
-             "quality": {}, "detection": {"planted_flagged_fraction": 0.5}}
-    (tmp_path / "g").mkdir()
-    (tmp_path / "g" / "summary.json").write_text(json.dumps({"runs": {XSS.format("run"): audit}}))
-    lines = headline_lines(tmp_path / "audit", tmp_path / "g", tmp_path / "m")
-    write_index(tmp_path, [(XSS.format("label"), tmp_path / XSS.format("path"))], lines)
+             "quality": {}, "detection": {"planted_flagged": {"rate": 0.5, "ci95": [0.2, 0.8], "n": 4}}}
+    (tmp_path / "mitigation_guidance").mkdir()
+    (tmp_path / "mitigation_guidance" / "summary.json").write_text(json.dumps({"runs": {XSS.format("run"): audit}}))
+    tables = headline_tables(tmp_path)
+    write_index(tmp_path, [(XSS.format("label"), tmp_path / XSS.format("path"))], tables, XSS.format("intro"))
     _assert_escaped((tmp_path / "index.html").read_text(),
-                    [XSS.format("run"), XSS.format("label"), XSS.format("path")])
+                    [XSS.format("run"), XSS.format("label"), XSS.format("path"), XSS.format("intro")])
+
+
+def test_the_dose_response_page_escapes_every_field():
+    from engine.reports.dose_response_page import render
+    cell = {"copies": 2, "kind": XSS.format("kind"), "rate": 0.5, "ci95": [0.1, 0.9], "n_prompts": 2,
+            "null_rate": 0.0, "null_ci95": [0.0, 0.1]}
+    doc = {"run": XSS.format("run"), "options": {"generations": 1, "steps": 1, "guidance": 7.5, "seed": 0},
+           "n_prompts": {"planted": 1, "control": 1, "ordinary": 0}, "n_train_images": 3,
+           "regime": XSS.format("regime"), "kinds": [XSS.format("kind")], "dose_levels": [2],
+           "copy_rule": XSS.format("rule"), "copy_threshold": 0.9,
+           "snapshots": [{"step": 10, "truth": {"by_cell": [cell]}, "detection_by_dose": [], "copy_rate": {}}]}
+    _assert_escaped(render(doc, XSS.format("title")), [XSS.format(f) for f in ("run", "regime", "kind", "rule",
+                                                                                "title")])
 
 
 def planted_run(run_dir: Path, where: Path) -> Path:

@@ -75,6 +75,16 @@ def test_audit_known_answers():
     series = audit_series([gen, scaled], RealImages(train, paths, heldout), manifest=manifest)
     assert [a["detection"]["threshold"] for a in series] == pytest.approx([0.2, 0.2])
     assert [a["detection"]["planted_flagged_fraction"] for a in series] == [1.0, 0.0]
+    # Paired against the first audit (same prompts, same seeds): every planted prompt went from flagged to
+    # not flagged, so the difference is -1 on every resample; the score difference is the exact mean change.
+    paired = series[1]["paired_vs_first"]
+    assert paired["flagged, planted"]["difference"] == -1.0 and paired["flagged, planted"]["ci95"] == [-1.0, -1.0]
+    assert paired["score mean, planted"]["difference"] == pytest.approx((0.2 - 1) * 0.85, abs=1e-6)
+    assert paired["nearest is planted (pixels), planted"]["difference"] == 0.0    # same images both times
+    assert paired["AUC planted vs control"]["difference"] == 0.0 and paired["AUC planted vs control"]["n_prompts"] == 3
+    assert "paired_vs_first" not in series[0]
+    assert series[0]["detection"]["planted_flagged"] == {"rate": 1.0, "ci95": pytest.approx([0.342, 1.0], abs=1e-3),
+                                                         "k": 2, "n": 2}
 
 
 def test_planted_pixel_match_against_numpy():

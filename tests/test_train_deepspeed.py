@@ -127,13 +127,15 @@ def test_two_ranks_zero2_kill_and_resume_is_bitwise(tmp_path, dataset):
 
 def test_one_process_zero0_and_zero3_train_alike_and_export(tmp_path, dataset):
     """Plain `python engine/train.py` (a one-rank gloo group): ZeRO 0 and ZeRO 3 (parameters
-    partitioned, EMA read through GatheredParameters) follow the same trajectory."""
+    partitioned, EMA read through GatheredParameters) follow the same trajectory, and export the
+    same EMA snapshot (training.export_every)."""
     from engine.model.export import load_model
     runs = {}
     for stage in (0, 3):
         cfg = write_config(tmp_path / f"z{stage}.json", dataset, output_dir=str(tmp_path / f"z{stage}"),
                            deepspeed={**TINY["deepspeed"], "zero_optimization": {"stage": stage}},
-                           training={**TINY["training"], "steps": 3, "sample_every": 3, "checkpoint_every": 0})
+                           training={**TINY["training"], "steps": 3, "sample_every": 3, "checkpoint_every": 0,
+                                     "export_every": 2})
         result = train(cfg)
         assert f"1 rank(s) on cpu, ZeRO stage {stage}" in result.stdout
         runs[stage] = tmp_path / f"z{stage}"
@@ -146,6 +148,13 @@ def test_one_process_zero0_and_zero3_train_alike_and_export(tmp_path, dataset):
     for name in ema0:
         torch.testing.assert_close(ema3[name], ema0[name], rtol=1e-4, atol=1e-6, msg=name)
     assert load_model(runs[3]).metadata["step"] == 3
+    # training.export_every: the EMA model of step 2 kept under exports/step_2, alike for both stages
+    assert sorted(os.listdir(runs[0] / "exports")) == ["step_2"]
+    snap0, snap3 = (load_file(str(runs[s] / "exports" / "step_2" / "model.safetensors")) for s in (0, 3))
+    for name in snap0:
+        torch.testing.assert_close(snap3[name], snap0[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert load_model(runs[0] / "exports" / "step_2").metadata["step"] == 2
+    assert any(not torch.equal(snap0[name], ema0[name]) for name in snap0)   # step 3 trained on
     # Starting again into the same directory without --resume is refused in one line.
     again = train(tmp_path / "z0.json", check=False)
     assert again.returncode == 3 and "already holds checkpoints" in again.stderr

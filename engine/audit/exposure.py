@@ -6,9 +6,10 @@ matched to its nearest training image by pixel Pearson correlation (no learned m
 the copy threshold reproduces that image. Aggregated per training image: its path, its patient, how many
 generations reproduce it, and by which prompts.
 
-The default copy threshold is Dar et al.'s rule in pixel space (methods.md section 2): the 95th percentile,
-over training images, of their highest correlation to any held-out image, i.e. a similarity that only 5%
-of training images reach with an image the model never saw.
+The copy threshold is the project's one pixel copy rule (engine.audit.copy_rule.pixel_copy_threshold: Dar et
+al.'s rule in pixel space, methods.md section 2): the 95th percentile, over training images, of their highest
+correlation to any held-out image, i.e. a similarity that only 5% of training images reach with an image the
+model never saw.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import pyarrow.parquet as pq
 import torch
 
 from data_pipeline.atomic_files import atomic_path
-from data_pipeline.images import to_model_range
-from engine.audit.copy_detection import dar_threshold
 from engine.audit.detectors.nearest_training import TrainingNeighbours
 
 EXPOSURE_SCHEMA = pa.schema([
@@ -31,15 +30,6 @@ EXPOSURE_SCHEMA = pa.schema([
     ("mean_correlation", pa.float64()),
 ])
 META_KEY = b"memdiff_exposure"
-
-
-def pixel_copy_threshold(train_u8: np.ndarray, heldout_u8: np.ndarray, percentile: float = 95.0) -> float:
-    """Dar's threshold on raw pixels: the percentile over training images of their best correlation to a
-    held-out image."""
-    if len(heldout_u8) == 0:
-        raise ValueError("copy threshold: no held-out images to calibrate it on")
-    vec = lambda a: to_model_range(np.array(a), channel_dim=False).reshape(len(a), -1).numpy()  # noqa: E731
-    return dar_threshold(vec(train_u8), vec(heldout_u8), percentile)
 
 
 def exposed_training_images(prompts: list[str], generations: torch.Tensor, train: TrainingNeighbours,

@@ -33,8 +33,9 @@ from data_pipeline.images import read_png, to_model_range
 from engine.audit.audit_inputs import AuditInputs
 from engine.audit.copy_detection import CopyDetector, copy_statistics, dar_threshold
 from engine.audit.frechet import frechet_distance_features
-from engine.audit.intervals import distribution_summary
+from engine.audit.intervals import cluster_bootstrap_mean, detection_summary, distribution_summary, proportion_interval
 from engine.audit.nearest_neighbors import topk_neighbors
+from engine.audit.paired_audit import paired_differences
 from engine.audit.planted_truth import nearest_is_planted, planted_pixel_match, planted_sources, prompt_groups
 from engine.audit.prompt_lists import PromptList, encode_prompts
 from engine.audit.roc import calibrate_threshold, roc_metrics
@@ -128,12 +129,18 @@ def detection_numbers(gen: Generations, threshold: float | None, threshold_from:
     for name in GROUPS:
         m = groups == name
         if m.any():
+            k, n = int(flagged[m].sum()), int(m.sum())
             det[f"{name}_score_mean"] = float(score[m].mean())
-            det[f"{name}_flagged_fraction"] = float(flagged[m].mean())
+            det[f"{name}_flagged_fraction"] = k / n
+            det[f"{name}_flagged"] = {"rate": k / n, "ci95": list(proportion_interval(k, n)), "k": k, "n": n}
     for s_name, s in (("score", score), ("first_step_score", first)):
         for neg in ("control", "ordinary"):
-            if (groups == "planted").any() and (groups == neg).any():
-                det[f"auc/{s_name}/planted_vs_{neg}"] = roc_metrics(s[groups == "planted"], s[groups == neg]).to_dict()
+            pos_s, neg_s = s[groups == "planted"], s[groups == neg]
+            if len(pos_s) >= 2 and len(neg_s) >= 2:
+                det[f"auc/{s_name}/planted_vs_{neg}"] = detection_summary(pos_s, neg_s).to_dict()
+            elif len(pos_s) and len(neg_s):   # too few for an interval: the point value, said so
+                det[f"auc/{s_name}/planted_vs_{neg}"] = {**roc_metrics(pos_s, neg_s).to_dict(),
+                                                         "note": "fewer than 2 prompts on a side: no interval"}
     per_prompt = [{"prompt": gen.prompts[i], "group": gen.groups[i], "seed": gen.seeds[i],
                    "score": float(score[i]), "first_step_score": float(first[i]), "flagged": bool(flagged[i])}
                   for i in range(len(score))]
@@ -176,10 +183,13 @@ def copying_numbers(gen: Generations, real: RealImages, space: str, gen_emb: np.
         stats.pop("generated_max_correlation")
         copying["dar"] = stats
         copies = nearest > copy_threshold
+        copying["copy_fraction_per_prompt"] = copies.reshape(-1, g).mean(axis=1).tolist()
         for name in GROUPS:
             m = per_gen_group == name
             if m.any():
                 copying[f"copy_fraction_{name}"] = float(copies[m].mean())
+                c = cluster_bootstrap_mean(copies.reshape(-1, g)[np.array(gen.groups) == name].astype(np.float64))
+                copying[f"copy_fraction_{name}_ci95"] = c["ci95"]
     if manifest and manifest.get("planted"):
         truth = gen.truth_prompts or gen.prompts
         per_prompt = nearest_idx.reshape(-1, g)
@@ -257,7 +267,18 @@ def audit_generations(gen: Generations, real: RealImages | None, *, manifest: di
     out["quality"] = quality_numbers(gen, real, flat, space, gen_emb, copy_detector=copy_detector, clip=clip,
                                      label_classifier=label_classifier, cache=cache)
     out["nearest_train_index"] = nearest_idx.reshape(p, g).tolist()
+    _per_prompt_copying(out, gen)
     return out
+
+
+def _per_prompt_copying(audit: dict, gen: Generations) -> None:
+    """Each prompt's copy rate and (planted prompts) share of generations nearest their planted image,
+    into its per_prompt row: what engine.audit.paired_audit pairs before and after."""
+    per_copy = audit["copying"].pop("copy_fraction_per_prompt", None)
+    hits = (audit["copying"].get("planted_pixels") or {}).pop("per_prompt", {})
+    for i, row in enumerate(audit["per_prompt"]):
+        row["copy_fraction"] = per_copy[i] if per_copy is not None else None
+        row["nearest_is_planted"] = hits.get(i)
 
 
 def audit_series(gens: list[Generations], real: RealImages | None, *, threshold: float | None = None,
@@ -274,6 +295,8 @@ def audit_series(gens: list[Generations], real: RealImages | None, *, threshold:
         if threshold is None:
             threshold = audits[0]["detection"]["threshold"]
             how = f"from the first audit ({audits[0]['detection']['threshold_from']})"
+    for audit in audits[1:]:   # same prompts, same seeds: every difference to the first audit is paired
+        audit["paired_vs_first"] = paired_differences(audits[0], audit)
     return audits
 
 

@@ -30,9 +30,10 @@ from data_pipeline.atomic_files import atomic_path, check_writable, write_json
 from data_pipeline.config_schema import build
 from data_pipeline.images import to_uint8, write_png
 from engine.audit.batch_size import fastest_scan_batch
-from engine.audit.planted_truth import prompt_groups
+from engine.audit.detection_metrics import comparisons, detection_metrics, operating_point, prompt_kinds
+from engine.audit.planted_truth import prompt_groups, prompt_splits
 from engine.audit.prompt_lists import PromptList, encode_prompts, load_prompts, training_prompt_list
-from engine.audit.roc import calibrate_threshold, roc_metrics
+from engine.audit.roc import calibrate_threshold
 from engine.audit.run_data import prompt_counts, read_manifest
 from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score
 from engine.diffusion.finite import require_finite
@@ -267,23 +268,38 @@ def scan_settings(table: pa.Table) -> DetectorSettings:
 
 # ---- detection against the planted ground truth (engine.audit.planted_truth) ---------------------
 
-def planted_comparisons(table: pa.Table):
-    """Yield (`<score>/planted_vs_<group>`, planted scores, negative scores) for the mean and
-    first-step scores against matched controls and against ordinary prompts (scans with groups only)."""
-    if "group" not in table.column_names:
+def _table_groups(table: pa.Table) -> list[str] | None:
+    return table.column("group").to_pylist() if "group" in table.column_names else None
+
+
+def planted_comparisons(table: pa.Table, manifest: dict | None = None):
+    """Yield (`<score>/<comparison>`, positive scores, negative scores) on the evaluation half
+    (engine.audit.detection_metrics.comparisons) for the mean and first-step scores (scans with groups only)."""
+    groups = _table_groups(table)
+    if groups is None:
         return
-    group = np.array(table.column("group").to_pylist())
+    prompts = table.column("prompt").to_pylist()
+    g, halves = np.array(groups), np.array(prompt_splits(prompts, manifest))
+    kinds = prompt_kinds(prompts, groups, manifest)
     for score_name in ("score", "first_step_score"):
         s = table.column(score_name).to_numpy()
-        for negatives in ("control", "ordinary"):
-            pos, neg = s[group == "planted"], s[group == negatives]
-            if len(pos) and len(neg):
-                yield f"{score_name}/planted_vs_{negatives}", pos, neg
+        for name, pos, neg in comparisons(g, halves, kinds):
+            if pos.any() and neg.any():
+                yield f"{score_name}/{name}", s[pos], s[neg]
 
 
-def ground_truth_metrics(table: pa.Table) -> dict:
-    """AUC, TPR@1%FPR and best balanced accuracy of planted prompts vs controls and vs ordinary prompts."""
-    return {name: roc_metrics(pos, neg).to_dict() for name, pos, neg in planted_comparisons(table)}
+def ground_truth_metrics(table: pa.Table, manifest: dict | None = None) -> dict:
+    """Detection summaries (AUC and TPR@1%FPR with intervals, n) of planted prompts against controls,
+    ordinary prompts and by kind, on the evaluation half, plus `operating_point`: the threshold from the
+    calibration half and the evaluation half's flagged shares (engine.audit.detection_metrics)."""
+    groups = _table_groups(table)
+    if groups is None or "planted" not in groups:
+        return {}
+    prompts = table.column("prompt").to_pylist()
+    scores = {name: table.column(name).to_numpy().astype(np.float64) for name in ("score", "first_step_score")}
+    out = detection_metrics(scores, prompts, groups, manifest)
+    out["operating_point"] = operating_point(scores["score"], prompts, groups, manifest)
+    return out
 
 
 def threshold_from_reference(reference_table: pa.Table, target_fpr: float) -> float:
@@ -293,8 +309,18 @@ def threshold_from_reference(reference_table: pa.Table, target_fpr: float) -> fl
 def format_metrics(metrics: dict) -> str:
     lines = []
     for name, m in metrics.items():
-        lines.append(f"{name:42s} AUC {m['auc']:.3f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}  "
-                     f"best bal. acc {m['best_balanced_accuracy']:.3f}  (n+ {m['n_positive']}, n- {m['n_negative']})")
+        if name == "operating_point":
+            if "threshold" in m:
+                t, f = m["tpr"], m["fpr_control"]
+                lines.append(f"{'threshold (calibration half, 1% FPR)':42s} {m['threshold']:.6g}: evaluation half "
+                             f"planted flagged {t['k']}/{t['n']}, controls flagged {f['k']}/{f['n']}, ordinary "
+                             f"flagged {m['fpr_ordinary']['k']}/{m['fpr_ordinary']['n']}")
+        elif "auc" in m:
+            lines.append(f"{name:42s} AUC {m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}]  TPR@1%FPR "
+                         f"{m['tpr_at_1pct_fpr']:.3f} [{m['tpr_ci'][0]:.3f}, {m['tpr_ci'][1]:.3f}]  best bal. acc "
+                         f"{m['best_balanced_accuracy']:.3f}  (evaluation half: n+ {m['n_positive']}, n- {m['n_negative']})")
+        else:
+            lines.append(f"{name:42s} {m['note']} (n+ {m['n_positive']}, n- {m['n_negative']})")
     return "\n".join(lines)
 
 
@@ -417,7 +443,7 @@ def scan_checkpoint(checkpoint: str, out_path: str, settings: DetectorSettings, 
                           step_range=step_range, threshold=threshold, save_images=save_images, csv_too=csv_too,
                           groups=inputs.groups, progress=progress, notes={"null_condition": inputs.null_condition})
     result.threshold = threshold
-    result.metrics = ground_truth_metrics(result.table)
+    result.metrics = ground_truth_metrics(result.table, read_manifest(checkpoint))
     if result.metrics:
         write_json(os.path.splitext(out_path)[0] + ".metrics.json",
                    {"threshold": threshold, "metrics": result.metrics, "null_condition": inputs.null_condition})

@@ -17,17 +17,20 @@ import torch
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from data_pipeline.images import to_model_range, to_uint8
+from data_pipeline.images import read_png, to_model_range, to_uint8
 from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
 from engine.audit.copy_detection import CopyDetector, copy_statistics, load_copy_detector
+from engine.audit.copy_rule import pixel_copy_threshold, pixel_nearest
 from engine.audit.deepssim import load_deepssim
 from engine.audit.detectors.nearest_training import TrainingNeighbours
-from engine.audit.exposure import exposed_training_images, patient_ids, pixel_copy_threshold
+from engine.audit.exposure import exposed_training_images, patient_ids
+from engine.audit.intervals import detection_summary
 from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
 from engine.audit.planted_truth import nearest_is_planted, planted_sources
-from engine.audit.roc import roc_curve, roc_metrics
+from engine.audit.roc import roc_curve
 from engine.audit.run_data import TrainingImages, read_manifest, read_splits, split_images
 from engine.audit.scan import model_fingerprint, planted_comparisons, read_scores, scan_metadata, scan_settings
+from engine.audit.score_vs_copies import score_vs_copies
 from engine.audit.similarity import cosine_normalize, pearson_normalize, ssim_pairwise
 from engine.audit.wen_detector import detect, mean_score
 from engine.model.export import load_model
@@ -88,6 +91,20 @@ def regenerate(loaded, table: pa.Table, rows: list[int], opts: ValidationOptions
     recorded = torch.tensor([table.column("score")[i].as_py() for i in rows])
     drift = float((torch.cat(scores) - recorded).abs().max()) if rows else 0.0
     return torch.cat(images), drift
+
+
+def scanned_generations(loaded, table: pa.Table, opts: ValidationOptions, scan_images: str | None = None,
+                        progress: bool = True) -> tuple[np.ndarray, str]:
+    """uint8 [P, G, S, S] generations of EVERY scanned prompt: read from the scan's --save-images folder
+    when it holds all of them (`<prompt_index>_g<g>.png`), else made again from the recorded seeds."""
+    g = int(scan_metadata(table)["scan"]["settings"]["generations"])
+    index = table.column("prompt_index").to_pylist()
+    if scan_images:
+        names = [[os.path.join(scan_images, f"{i:06d}_g{j}.png") for j in range(g)] for i in index]
+        if all(os.path.isfile(n) for row in names for n in row):
+            return np.stack([np.stack([read_png(n) for n in row]) for row in names]), f"read from {scan_images}"
+    images, _ = regenerate(loaded, table, list(range(len(table))), opts, progress)
+    return to_uint8(images), "made again from the scan's seeds"
 
 
 def _step_range(table: pa.Table):
@@ -151,18 +168,39 @@ def tsne_coordinates(train_emb: np.ndarray, gen_emb: np.ndarray, n_train: int, s
     return {"train_index": pick.tolist(), "train_xy": xy[:len(pick)].tolist(), "generated_xy": xy[len(pick):].tolist()}
 
 
-def roc_curves(table: pa.Table) -> dict:
-    """ROC curves and metrics of planted prompts vs controls / ordinary prompts, where the scan has groups."""
+def roc_curves(table: pa.Table, manifest: dict | None = None) -> dict:
+    """ROC curves and detection summaries (intervals, n) of planted prompts vs controls / ordinary prompts
+    on the evaluation half (engine.audit.detection_metrics), where the scan has groups."""
     out = {}
-    for name, pos, neg in planted_comparisons(table):
+    for name, pos, neg in planted_comparisons(table, manifest):
+        if len(pos) < 2 or len(neg) < 2:
+            continue
         fpr, tpr, _ = roc_curve(pos, neg)
-        out[name] = {**roc_metrics(pos, neg).to_dict(), "fpr": fpr.tolist(), "tpr": tpr.tolist()}
+        out[name] = {**detection_summary(pos, neg).to_dict(), "half": "evaluation", "fpr": fpr.tolist(),
+                     "tpr": tpr.tolist()}
     return out
+
+
+def all_prompts_vs_copies(loaded, table: pa.Table, train: TrainingImages, heldout: np.ndarray, manifest: dict | None,
+                          opts: ValidationOptions, scan_images: str | None, progress: bool) -> tuple[dict, np.ndarray]:
+    """engine.audit.score_vs_copies over every scanned prompt (JSON-able), and the generations it used."""
+    generated, source = scanned_generations(loaded, table, opts, scan_images, progress)
+    p, g = generated.shape[:2]
+    nearest, _ = pixel_nearest(generated.reshape(p * g, *generated.shape[2:]), train.images)
+    groups = table.column("group").to_pylist() if "group" in table.column_names else None
+    out = score_vs_copies(table.column("score").to_numpy(), nearest.reshape(p, g),
+                          pixel_copy_threshold(train.images, heldout), table.column("prompt").to_pylist(), groups,
+                          manifest)
+    return {**out, "generations_source": source}, generated
 
 
 def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict | None = None,
              copy_detector: CopyDetector | None = None, opts: ValidationOptions = ValidationOptions(),
-             use_clip: bool = True, progress: bool = True, deepssim=None) -> ValidationResult:
+             use_clip: bool = True, heldout: np.ndarray | None = None, scan_images: str | None = None,
+             progress: bool = True, deepssim=None) -> ValidationResult:
+    """The validation numbers of a scan. With `heldout` (uint8 held-out images) also the score against
+    copies over every scanned prompt (engine.audit.score_vs_copies; generations from `scan_images`
+    when the scan saved them all); with `deepssim`, DeepSSIM's copy share."""
     if len(table) == 0:
         raise ValueError("validate: the scores table has no rows")
     size = loaded.unet_config.image_size
@@ -195,7 +233,9 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
                                           "nearest": nearest[metric][p]}
         prompts_out.append(entry)
 
-    correlations = {m: bootstrap_spearman(score[rows], nearest[m], opts.bootstrap, opts.seed) for m in nearest}
+    correlations = {m: {**bootstrap_spearman(score[rows], nearest[m], opts.bootstrap, opts.seed),
+                        "prompts": "the weighted selection (top, bottom, planted, spread over the ranking)"}
+                    for m in nearest}
     numbers = {
         "n_prompts_scanned": int(len(table)), "n_train_images": int(len(train.images)),
         "generations": int(n_g), "selection": {k: [int(table.column("prompt_index")[i].as_py()) for i in v]
@@ -206,7 +246,7 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
         "train_fingerprint": array_fingerprint(train.images),
         "prompts": prompts_out,
         "spearman_score_vs_nearest_similarity": correlations,
-        "roc": roc_curves(table),
+        "roc": roc_curves(table, manifest),
     }
     if copy_detector is not None and copy_detector.threshold is not None:
         train_emb, gen_emb = found["embeddings"]["dar"]
@@ -218,6 +258,12 @@ def validate(loaded, table: pa.Table, train: TrainingImages, *, manifest: dict |
                                "copy_fraction": float((best > deepssim.threshold).mean())}
     if manifest:
         numbers["planted"] = planted_recovery(prompts_out, train, manifest)
+    if heldout is not None and len(heldout):
+        numbers["score_vs_copies"], everything = all_prompts_vs_copies(loaded, table, train, heldout, manifest, opts,
+                                                                       scan_images, progress)
+        # the selection's generations, made again here, must be the scan's: a check of the saved images
+        numbers["score_vs_copies"]["selection_max_abs_pixel_diff"] = int(np.abs(
+            everything[rows].astype(np.int16) - generated.astype(np.int16)).max()) if rows else 0
     if "clip" in found["embeddings"]:
         train_emb, gen_emb = found["embeddings"]["clip"]
         tsne = tsne_coordinates(train_emb, gen_emb, opts.tsne_train, opts.seed)
@@ -244,7 +290,8 @@ def planted_recovery(prompts_out: list[dict], train: TrainingImages, manifest: d
 
 def validate_checkpoint(checkpoint: str, scores: str, *, copy_detector: str | None = None,
                         opts: ValidationOptions = ValidationOptions(), use_clip: bool = True, device: str = "cpu",
-                        force: bool = False, progress: bool = True, deepssim: str | None = None) -> ValidationResult:
+                        scan_images: str | None = None, force: bool = False, progress: bool = True,
+                        deepssim: str | None = None) -> ValidationResult:
     """Validate a finished scan of a training run (what tools/validate_memorization does).
 
     The scan must come from this run's model (its weight fingerprint is checked before any work), and the
@@ -267,13 +314,15 @@ def validate_checkpoint(checkpoint: str, scores: str, *, copy_detector: str | No
     deepssim_dir = deepssim or os.path.join(checkpoint, "deepssim")
     ds = load_deepssim(deepssim_dir, device=device) if deepssim or os.path.isdir(deepssim_dir) else None
     train = split_images(checkpoint, "train", progress=progress)
-    result = validate(loaded, table, train, manifest=read_manifest(checkpoint), copy_detector=detector, opts=opts,
-                      use_clip=use_clip, progress=progress, deepssim=ds)
-    result.numbers["null_condition"] = record
     try:
         heldout = split_images(checkpoint, "val", progress=progress).images
-    except ValueError as e:      # no held-out images: no copy threshold, so no exposure table
-        result.numbers["exposure_skipped"] = f"no held-out images to calibrate the copy threshold on ({e})"
+    except ValueError as e:      # no held-out images: no copy threshold, so no score-vs-copies or exposure numbers
+        heldout, no_heldout = None, e
+    result = validate(loaded, table, train, manifest=read_manifest(checkpoint), copy_detector=detector, opts=opts,
+                      use_clip=use_clip, heldout=heldout, scan_images=scan_images, progress=progress, deepssim=ds)
+    result.numbers["null_condition"] = record
+    if heldout is None:
+        result.numbers["exposure_skipped"] = f"no held-out images to calibrate the copy threshold on ({no_heldout})"
         return result
     result.numbers["exposure"] = exposure_of_scan(loaded, table, train, heldout, patient_ids(read_splits(checkpoint)),
                                                   opts, progress)

@@ -15,6 +15,7 @@ from engine.audit.exposure import write_exposure
 from engine.audit.validation import ValidationResult
 from engine.reports.exposure import exposure_section_html
 from engine.reports.figures import figure_img, png_data_uri, pyplot
+from engine.reports.interval_text import rate, value
 
 # The first present one is shown. SSIM first: on the demo's planted duplicates it found the planted source
 # as often as pixel correlation (recall@1 55% vs 45%, paired difference within its interval) and
@@ -51,7 +52,7 @@ def _plots(n: dict) -> dict[str, str]:
     if n.get("roc"):
         fig, ax = plt.subplots(figsize=(4.5, 4))
         for name, r in n["roc"].items():
-            ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {r['auc']:.3f})")
+            ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {value(r['auc'], r['auc_ci'])})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
         ax.legend(fontsize=6)
@@ -82,20 +83,45 @@ def _prompt_panel(entry: dict, generated: np.ndarray, train_images: np.ndarray, 
     nb = entry["neighbors"][primary]
     for g in range(generated.shape[0]):
         cells = [_img(generated[g], f"generation {g}")]
-        for value, idx in zip(nb["values"][g], nb["train_indices"][g]):
-            cells.append(_img(train_images[idx], f"train #{idx}: {value:.3f}"))
+        for sim, idx in zip(nb["values"][g], nb["train_indices"][g]):
+            cells.append(_img(train_images[idx], f"train #{idx}: {sim:.3f}"))
         parts.append(f'<div class="row">{"".join(cells)}</div>')
     parts.append("</div>")
     return "".join(parts)
 
 
-def _metric_table(rows: dict, columns=("auc", "tpr_at_1pct_fpr", "best_balanced_accuracy", "n_positive",
-                                       "n_negative")) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("comparison", *columns))
-    body = "".join("<tr><td>" + html.escape(name) + "</td>" +
-                   "".join(f"<td>{r[c]:.3f}</td>" if isinstance(r[c], float) else f"<td>{r[c]}</td>" for c in columns)
-                   + "</tr>" for name, r in rows.items())
+def _metric_table(rows: dict) -> str:
+    """Detection summaries: AUC and TPR@1%FPR with their 95% intervals, best balanced accuracy, n+ / n-."""
+    head = "".join(f"<th>{c}</th>" for c in ("comparison (evaluation half)", "AUC [95%]", "TPR@1%FPR [95%]",
+                                             "best bal. acc.", "n+", "n-"))
+    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{value(r['auc'], r['auc_ci'])}</td>"
+                   f"<td>{value(r['tpr_at_1pct_fpr'], r['tpr_ci'])}</td><td>{r['best_balanced_accuracy']:.3f}</td>"
+                   f"<td>{r['n_positive']}</td><td>{r['n_negative']}</td></tr>" for name, r in rows.items())
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def score_vs_copies_html(sv: dict) -> str:
+    """Spearman over every scanned prompt, the copy rate by score decile and the flagged set's precision."""
+    s = sv["spearman_all_prompts"]
+    out = [f"<h2>Do high scores go with copies? (all {sv['n_prompts']} scanned prompts)</h2>",
+           f"<p>Copy rule, fixed before looking: {html.escape(sv['copy_rule'])} (threshold "
+           f"{sv['copy_threshold']:.4f}; generations {html.escape(sv['generations_source'])}). "
+           f"Spearman(score, highest nearest-training pixel correlation) over all scanned prompts: "
+           f"<b>{value(s['rho'], s['ci95'], s['n'])}</b>. Copy rate of all generations: "
+           f"{rate(sv['copy_rate_all'], digits=1)}.</p>",
+           "<table><tr><th>score decile</th><th>scores</th><th>copy rate [95%] n prompts</th></tr>"]
+    out += [f"<tr><td>{d['decile']}</td><td>{d['score_min']:.4g} – {d['score_max']:.4g}</td>"
+            f"<td>{rate(d['copy_rate'], d['ci95'], d['n_prompts'])}</td></tr>" for d in sv["copy_rate_by_score_decile"]]
+    out.append("</table>")
+    f = sv["flagged"]
+    if "precision" in f:
+        out.append(f"<p>Flagging threshold {f['threshold']:.4g}: at most {f['target_fpr']:g} of the "
+                   f"{f['n_calibration_negatives']} calibration-half controls and ordinary prompts above it. On the "
+                   f"{f['n_evaluation_prompts']} evaluation-half prompts: flagged prompts whose generations are copies "
+                   f"(precision) <b>{rate(f['precision']['rate'], f['precision']['ci95'], f['precision']['n'])}</b>; "
+                   f"unflagged prompts whose generations are copies {rate(f['copy_share_unflagged']['rate'], f['copy_share_unflagged']['ci95'], f['copy_share_unflagged']['n'])}; "
+                   f"flagged prompts that are planted {rate(f['planted_share_flagged']['rate'], f['planted_share_flagged']['ci95'], f['planted_share_flagged']['n'])}.</p>")
+    return "".join(out)
 
 
 CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}figure{display:inline-block;margin:2px;
@@ -146,8 +172,11 @@ def render_html(result: ValidationResult, title: str = "memdiff memorization rep
         d = n["deepssim"]
         out.append(f"<p>DeepSSIM copy rule (Duplicate, score &gt; {d['threshold']:g}): {d['n_copies']}/"
                    f"{d['n_generated']} generated images ({100 * d['copy_fraction']:.1f}%).</p>")
-    out.append("<h2>Score vs nearest-training similarity</h2><table><tr><th>metric</th><th>Spearman rho</th>"
-               "<th>95% bootstrap CI</th><th>prompts</th></tr>")
+    if n.get("score_vs_copies"):
+        out.append(score_vs_copies_html(n["score_vs_copies"]))
+    out.append("<h2>Score vs nearest-training similarity, weighted selection</h2><p>Prompts: the top- and "
+               "bottom-scoring, the planted and an even spread over the ranking (not a random sample).</p>"
+               "<table><tr><th>metric</th><th>Spearman rho</th><th>95% bootstrap CI</th><th>prompts</th></tr>")
     for m, c in n["spearman_score_vs_nearest_similarity"].items():
         rho = "n/a" if c["rho"] is None else f"{c['rho']:.3f}"
         ci = "n/a" if c["rho"] is None else f"[{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"

@@ -14,29 +14,49 @@ from data_pipeline.atomic_files import write_json, write_text
 from engine.audit.generation_audit import Comparison, Generations
 from engine.audit.run_data import RealImages
 from engine.reports.figures import figure_img, png_data_uri, pyplot
+from engine.reports.interval_text import rate, value
 
 CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1300px}table{border-collapse:collapse}"
        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;vertical-align:top}")
 
 
+def _auc_text(summary: dict | None) -> str | None:
+    if not summary:
+        return None
+    if "auc_ci" in summary:
+        return value(summary["auc"], summary["auc_ci"]) + f" n+={summary['n_positive']} n-={summary['n_negative']}"
+    return value(summary["auc"]) + f" (no interval: n+={summary['n_positive']} n-={summary['n_negative']})"
+
+
 def headline(audit: dict) -> dict:
-    """The few numbers a before/after table shows, flat."""
+    """The few numbers a before/after table shows, flat; rates and AUCs as text with their 95% interval and n."""
     det, cop, q = audit["detection"], audit["copying"], audit["quality"]
+    def flagged(name: str) -> str | None:
+        f = det.get(f"{name}_flagged")
+        return rate(f["rate"], f["ci95"], f["n"]) if f else None
+
+    auc = det.get("auc/score/planted_vs_control") or {}
     row = {"score mean (rms)": det["score_mean"], "planted score mean": det.get("planted_score_mean"),
-           "control score mean": det.get("control_score_mean"),
-           "planted flagged": det.get("planted_flagged_fraction"), "threshold": det["threshold"],
-           "AUC planted vs control": (det.get("auc/score/planted_vs_control") or {}).get("auc"),
-           "TPR@1%FPR planted vs control": (det.get("auc/score/planted_vs_control") or {}).get("tpr_at_1pct_fpr"),
+           "control score mean": det.get("control_score_mean"), "threshold": det["threshold"],
+           "planted flagged [95%]": flagged("planted"), "controls flagged [95%]": flagged("control"),
+           "AUC planted vs control [95%]": _auc_text(auc or None),
+           "TPR@1%FPR planted vs control [95%]": value(auc.get("tpr_at_1pct_fpr"), auc.get("tpr_ci")) if auc else None,
            f"nearest-train sim. median ({cop['space']})": cop["nearest_similarity"].get("median"),
-           "copy rate (Dar)": (cop.get("dar") or {}).get("copy_fraction"),
-           "copy rate, planted prompts": cop.get("copy_fraction_planted"),
-           "planted: nearest is planted image": cop.get("planted_nearest_is_planted_fraction")}
+           "copy rate (Dar)": (cop.get("dar") or {}).get("copy_fraction")}
+    for name in ("planted", "control", "ordinary"):
+        if f"copy_fraction_{name}" in cop:
+            row[f"copy rate, {name} prompts [95%]"] = rate(cop[f"copy_fraction_{name}"],
+                                                         cop.get(f"copy_fraction_{name}_ci95"), digits=1)
     pix = cop.get("planted_pixels") or {}
     if pix:
-        row["planted: nearest is planted image (pixels)"] = pix["nearest_is_planted_fraction"]
-        row["  95% interval (prompts resampled); null rate (other prompts' generations)"] = \
-            "[{:.3g}, {:.3g}]; {}".format(*pix["nearest_is_planted_ci95"], _fmt(pix["null_rate"]))
+        row["planted: nearest is planted image (pixels) [95%]"] = rate(
+            pix["nearest_is_planted_fraction"], pix["nearest_is_planted_ci95"], pix.get("n_planted_prompts"))
+        row["  null rate: other prompts' generations on a planted image [95%]"] = rate(
+            pix["null_rate"], pix.get("null_ci95"), digits=2)
         row["planted: correlation to own planted image, median (pixels)"] = pix["own_correlation"]["median"]
+        for cell in pix.get("by_kind", []):
+            row[f"  nearest is planted, {cell['kind']} copies [95%]"] = rate(cell["rate"], cell["ci95"],
+                                                                            cell["n_prompts"])
     for name, v in q.items():
         if name == "label_conformance":
             real_auc = (v.get("real_heldout") or {}).get("macro_auc")
@@ -48,7 +68,8 @@ def headline(audit: dict) -> dict:
 
 def headline_text(name: str, audit: dict) -> str:
     """One line of the headline's numbers, for a terminal."""
-    return f"{name:>24s}: " + "  ".join(f"{k}={v:.4g}" for k, v in headline(audit).items() if isinstance(v, float))
+    return f"{name:>24s}: " + "  ".join(f"{k.strip()}={v:.4g}" if isinstance(v, float) else f"{k.strip()}={v}"
+                                        for k, v in headline(audit).items() if v is not None)
 
 
 def _fmt(v) -> str:
@@ -66,6 +87,21 @@ def comparison_table(names: list[str], audits: list[dict]) -> str:
     body = "".join("<tr><td>" + html.escape(k) + "</td>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for r in rows)
                    + "</tr>" for k in keys)
     return f"<table>{head}{body}</table>"
+
+
+def paired_table(names: list[str], audits: list[dict]) -> str:
+    """Every later audit minus the first, prompt by prompt (same prompts and seeds), with paired intervals."""
+    later = [(n, a["paired_vs_first"]) for n, a in zip(names[1:], audits[1:]) if a.get("paired_vs_first")]
+    if not later:
+        return ""
+    keys = list(dict.fromkeys(k for _, d in later for k in d))
+    head = "<tr><th>after − before (paired)</th>" + "".join(
+        f"<th>{html.escape(n)} − {html.escape(names[0])}</th>" for n, _ in later) + "</tr>"
+    cell = lambda d: value(d["difference"], d["ci95"], d["n_prompts"]) if d else "–"  # noqa: E731
+    body = "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{cell(d.get(k))}</td>" for _, d in later)
+                   + "</tr>" for k in keys)
+    return (f"<h2>Paired differences</h2><p>Each prompt before and after from the same seed; 95% intervals "
+            f"resample prompts once for both sides (n = prompts).</p><table>{head}{body}</table>")
 
 
 def distribution_plot(names: list[str], audits: list[dict]) -> str:
@@ -160,7 +196,7 @@ def render_comparison_html(title: str, names: list[str], audits: list[dict], gen
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
-    parts += ["<h2>Numbers</h2>", comparison_table(names, audits), "<h2>Distributions</h2>",
+    parts += ["<h2>Numbers</h2>", comparison_table(names, audits), paired_table(names, audits), "<h2>Distributions</h2>",
               distribution_plot(names, audits), extra_html, "<h2>Side by side (same prompt, same seed)</h2>",
               side_by_side_grid(names, gens, real, audits), "</body></html>"]
     return "".join(parts)

@@ -145,6 +145,9 @@ class TrainingSection(ConfigSection):
     sample_every: int = constrained(1000, "int >= 0 (0 = only at the end)", lambda v: v >= 0)
     checkpoint_every: int = constrained(1000, "int >= 0 (0 = only at the end)", lambda v: v >= 0)
     keep_checkpoints: int = constrained(2, "int >= 1", lambda v: v >= 1)
+    # Every this many steps rank 0 also exports the EMA model to <run>/exports/step_N/ (kept, not pruned):
+    # the memorization audit of each snapshot is a dose-response over training length. 0 = never.
+    export_every: int = constrained(0, "int >= 0 (0 = never)", lambda v: v >= 0)
     ema_decay: float = constrained(0.999, "float in [0, 1)", lambda v: 0 <= v < 1)
     # decay_t = min(ema_decay, (1 + t) / (10 + t)): early averages do not drag the random init along.
     ema_warmup: bool = True

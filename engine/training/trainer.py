@@ -308,13 +308,17 @@ class TrainLoop:
 
     def _after_step(self) -> None:
         do_log, do_ckpt, do_sample = self._cadence(self.step)
-        if not (do_log or do_ckpt or do_sample):
+        every = self.cfg.training.export_every
+        do_export = bool(every and self.step % every == 0)
+        if not (do_log or do_ckpt or do_sample or do_export):
             return
-        self.log_window(check_weights=do_ckpt or do_sample)
+        self.log_window(check_weights=do_ckpt or do_sample or do_export)
         if do_sample:
             self.write_samples()
         if do_ckpt:
             self.save()
+        if do_export:
+            self.export_snapshot()
         self.window = _Window()
 
     def _last_good(self) -> str:
@@ -396,13 +400,25 @@ class TrainLoop:
         state = {"micro_step": step * accum, "world_size": self.world, **self.step_type.checkpoint_state()}
         save_checkpoint(self.engine, self.ckpt_dir, step, self.ema, state, cfg.training.keep_checkpoints, self.rank)
         if self.is_main:
-            metadata = {"step": step, "p_uncond": cfg.conditioning.p_uncond, "run": str(self.run_dir)}
-            if isinstance(self.step_type, DPStep):
-                privacy = self.step_type.privacy()
-                metadata["privacy"] = {k: privacy[k] for k in ("epsilon", "delta", "steps", "guarantee_void",
-                                                              "noise_seed", "unit")}
-            export_model(self.run_dir / "export", self._ema_model(), cfg.diffusion, self.vocab, metadata=metadata)
+            export_model(self.run_dir / "export", self._ema_model(), cfg.diffusion, self.vocab,
+                         metadata=self._export_metadata())
             self.logger.loss_curve(f"{self.run_dir.name} (p_uncond={cfg.conditioning.p_uncond:g})")
+        dist.barrier()
+
+    def _export_metadata(self) -> dict:
+        metadata = {"step": self.step, "p_uncond": self.cfg.conditioning.p_uncond, "run": str(self.run_dir)}
+        if isinstance(self.step_type, DPStep):
+            privacy = self.step_type.privacy()
+            metadata["privacy"] = {k: privacy[k] for k in ("epsilon", "delta", "steps", "guarantee_void",
+                                                          "noise_seed", "unit")}
+        return metadata
+
+    def export_snapshot(self) -> None:
+        """Rank 0: the EMA model of this step to <run>/exports/step_<N>/ (training.export_every)."""
+        if self.is_main:
+            out = self.run_dir / "exports" / f"step_{self.step}"
+            export_model(out, self._ema_model(), self.cfg.diffusion, self.vocab, metadata=self._export_metadata())
+            self.logger.write(f"step {self.step}: EMA model -> {out}")
         dist.barrier()
 
     def _finish(self) -> dict:
