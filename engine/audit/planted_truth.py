@@ -71,7 +71,13 @@ def planted_entries(manifest: dict | None) -> dict[str, PlantedEntry]:
 
 
 def _extra(prompt: str) -> tuple[str, ...]:
-    return parse_prompt(prompt).extra
+    """The prompt's extra tokens; none for text outside the prompt grammar. Planted and control tokens
+    exist only in grammatical prompts (the scan encodes every prompt through the vocabulary), so such
+    text, e.g. a hand-edited scores file, is an ordinary prompt here and is shown escaped, not parsed."""
+    try:
+        return parse_prompt(prompt).extra
+    except ValueError:
+        return ()
 
 
 def planted_entry(prompt: str, manifest: dict | None) -> PlantedEntry | None:
