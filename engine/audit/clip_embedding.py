@@ -10,7 +10,6 @@ TINY_MODEL ("memdiff-tiny") is a 2-layer ViT built without any weights for tests
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from engine.model.network_files import file_sha1
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,7 @@ class ClipSpec:
         """Names the weights exactly: a local file contributes its size and mtime-free content hash."""
         weights = self.pretrained or "random-init"
         if self.pretrained and os.path.isfile(self.pretrained):
-            h = hashlib.sha1()
-            with open(self.pretrained, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            weights = "file:" + h.hexdigest()
+            weights = "file:" + file_sha1(self.pretrained)
         return f"clip:{self.model_name}:{weights}:{self.image_size}"
 
 

@@ -41,7 +41,14 @@ from tqdm import tqdm
 from data_pipeline.images import to_model_range
 from engine.audit.nearest_neighbors import topk_neighbors
 from engine.audit.similarity import pearson_normalize
-from engine.model.network_files import build_network, load_network, network_config, save_network
+from engine.model.network_files import (
+    build_network,
+    file_sha1,
+    load_network,
+    network_config,
+    save_network,
+    state_dict_sha1,
+)
 
 BACKBONES = ("resnet50", "resnet18", "tiny")
 INPUT_NORMALIZATIONS = ("none", "imagenet")
@@ -133,7 +140,6 @@ def load_backbone_weights(model: nn.Module, path: str) -> dict:
     Returns {"path", "sha1", "loaded", "head_initialised"}; any missing or mismatched tensor is an
     error naming the file and the key.
     """
-    import hashlib
     state = read_state_dict(path)
     own = model.state_dict()
     head = _head_prefix(model)
@@ -153,11 +159,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> dict:
                              f"the {type(model).__name__} backbone needs {tuple(own[key].shape)}")
         new[key] = src.to(own[key].dtype)
     model.load_state_dict({**own, **new})
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"path": os.path.abspath(path), "sha1": h.hexdigest(), "loaded": len(new),
+    return {"path": os.path.abspath(path), "sha1": file_sha1(path), "loaded": len(new),
             "head_initialised": sorted(k for k in own if k.startswith(head))}
 
 
@@ -212,12 +214,7 @@ class CopyDetector:
         return torch.cat(out).numpy()
 
     def weight_hash(self) -> str:
-        import hashlib
-        h = hashlib.sha1()
-        for k, v in sorted(self.model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return state_dict_sha1(self.model)[:16]
 
     def save(self, out_dir: str) -> None:
         save_network(out_dir, NAME, self.model, {"config": asdict(self.cfg), "threshold": self.threshold, **self.info})

@@ -34,7 +34,7 @@ from data_pipeline.augment import rotate
 from data_pipeline.images import to_model_range
 from engine.audit.copy_detection import BACKBONES, build_embedder, load_backbone_weights
 from engine.audit.similarity import ssim_paired
-from engine.model.network_files import load_network, save_network
+from engine.model.network_files import load_network, save_network, state_dict_sha1
 
 NAME = "deepssim"          # files: deepssim.safetensors + deepssim.json
 DIFFERENT_AT_MOST = 0.6    # score <= 0.6: Different
@@ -143,12 +143,7 @@ class DeepSSIM:
         return torch.cat(out).numpy() if out else np.zeros((0, self.cfg.embed_dim), np.float32)
 
     def weight_hash(self) -> str:
-        import hashlib
-        h = hashlib.sha1()
-        for k, v in sorted(self.model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return state_dict_sha1(self.model)[:16]
 
     def save(self, out_dir: str) -> None:
         cfg = {**asdict(self.cfg), "pair_mix": list(self.cfg.pair_mix)}

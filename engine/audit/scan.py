@@ -12,7 +12,6 @@ the final file is written, so re-thresholding or another step range never needs 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from engine.audit.run_data import prompt_counts, read_manifest
 from engine.audit.wen_detector import DetectorSettings, detect, first_step_score, mean_score
 from engine.diffusion.finite import require_finite
 from engine.diffusion.seeds import prompt_seeds
+from engine.model.network_files import file_sha1
 
 META_KEY = b"memdiff_scan"
 PART_SCHEMA = pa.schema([
@@ -49,11 +49,7 @@ PART_SCHEMA = pa.schema([
 
 def model_fingerprint(loaded) -> str:
     """Content hash of the exported weights: a resumed scan must use the same model."""
-    h = hashlib.sha1()
-    with open(os.path.join(str(loaded.path), "model.safetensors"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha1(os.path.join(str(loaded.path), "model.safetensors"))[:16]
 
 
 # ---- journal ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ key before anything of the config's size is allocated; non-finite weights are re
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Callable
 
@@ -101,3 +102,21 @@ def build_network(build: Callable[[], nn.Module], state: dict[str, torch.Tensor]
     model = build()
     model.load_state_dict(state)
     return model
+
+
+def file_sha1(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's bytes, read in blocks (weights files can be GBs): names the weights exactly."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha1(model: nn.Module) -> str:
+    """SHA-1 over a network's tensors, key by key in sorted order: names trained weights held in memory."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -65,6 +65,13 @@ class TrainingNeighbours:
         return (-values.double()).clamp_min(0).sqrt(), index
 
 
+def require_training(detector: Detector, train: TrainingNeighbours | None) -> TrainingNeighbours:
+    """The training images a nearest-neighbour detector compares with, or a one-line error."""
+    if train is None:
+        raise ValueError(f"detector {detector.name}: needs the training images (train=TrainingNeighbours)")
+    return train
+
+
 class NearestTrainingSimilarity(Detector):
     name = "nearest_training_similarity"
     summary = "highest pixel Pearson correlation of each generation to any training image, mean over generations"
@@ -76,9 +83,7 @@ class NearestTrainingSimilarity(Detector):
 
     def score(self, loaded, batch: PromptBatch, settings: DetectorSettings, *, train: TrainingNeighbours | None = None,
               params: dict | None = None) -> np.ndarray:
-        gens = require_generations(self, batch)
-        if train is None:
-            raise ValueError(f"detector {self.name}: needs the training images (train=TrainingNeighbours)")
+        gens, train = require_generations(self, batch), require_training(self, train)
         values, _ = train.nearest_by_correlation(gens.flatten(0, 1), 1)
         return values[:, 0].double().reshape(gens.shape[0], -1).mean(1).numpy()
 
@@ -94,9 +99,7 @@ class NearestNeighbourRatio(Detector):
 
     def score(self, loaded, batch: PromptBatch, settings: DetectorSettings, *, train: TrainingNeighbours | None = None,
               params: dict | None = None) -> np.ndarray:
-        gens = require_generations(self, batch)
-        if train is None:
-            raise ValueError(f"detector {self.name}: needs the training images (train=TrainingNeighbours)")
+        gens, train = require_generations(self, batch), require_training(self, train)
         distances, _ = train.nearest_by_distance(gens.flatten(0, 1), 2)
         d1, d2 = distances[:, 0], distances[:, 1]
         ratio = torch.where(d2 > 0, d1 / d2.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(d1))
