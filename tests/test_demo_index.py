@@ -151,3 +151,41 @@ def test_demo_refuses_a_bad_root_before_any_work(tmp_path):
     assert r.returncode == 2 and [line for line in r.stderr.splitlines() if line.startswith("error")] == [
         f"error: {tmp_path / 'nowhere'}: not a folder"]
     assert not out.exists()
+
+
+def test_cfg_vs_nocfg_table_holds_the_comparison_file(tmp_path):
+    """Table 5 reads compare_runs' quantified.json: the no-CFG row says Wen's AUC does not apply, and the
+    paired difference is the one the file holds (made by paired_difference on known hits)."""
+    from engine.audit.intervals import (
+        auc_interval,
+        cluster_bootstrap_mean,
+        cluster_bootstrap_statistic,
+        paired_difference,
+    )
+    rng = np.random.default_rng(1)
+    hits_cfg = (rng.uniform(size=(40, 4)) < 0.1).astype(float)
+    hits_nocfg = (rng.uniform(size=(40, 4)) < 0.4).astype(float)
+    fd = cluster_bootstrap_statistic(np.arange(120), lambda i: float(np.mean(i)) / 100, 100)
+    common = {"groups": {"control": 40, "ordinary": 40, "planted": 40},
+              "frechet": {"pixels_8x8": {**fd, "real_train_vs_heldout": 0.7}},
+              "label_conformance": {"value": 0.66, "ci95": [0.6, 0.7], "real_heldout": {"macro_auc": 0.71}}}
+    cfg = {"name": "cfg w = 1", **common, "planted_nearest_is_planted": {**cluster_bootstrap_mean(hits_cfg, 200),
+                                                                          "null_rate": 0.005},
+           "copy_rate": {"planted": cluster_bootstrap_mean(hits_cfg, 200)},
+           "detection": auc_interval(rng.normal(1, 1, 40), rng.normal(0, 1, 40))}
+    paired = paired_difference(hits_cfg, hits_nocfg, n_boot=200)
+    nocfg = {"name": "nocfg w = 1", **common, "planted_nearest_is_planted": {**cluster_bootstrap_mean(hits_nocfg, 200),
+                                                                              "null_rate": 0.004},
+             "detection": {"not_applicable": "trained without the null prompt"},
+             "paired_vs_reference": {"reference": "cfg w = 1", "planted_nearest_is_planted": paired}}
+    _write(tmp_path / "cfg_vs_nocfg" / "quantified.json", {"options": {"generations": 4}, "results": [cfg, nocfg]})
+    (table,) = headline_tables(tmp_path)
+    assert table.title.startswith("5.")
+    first, second = table.rows
+    t = cfg["planted_nearest_is_planted"]
+    assert first[1] == rate(t["mean"], t["ci95"], 40, digits=1) and first[3] == "–"
+    assert first[7] == value(cfg["detection"]["auc"], cfg["detection"]["ci95"], 40)
+    assert second[3] == value(paired["difference"], paired["ci95"])
+    assert second[4] == "–" and "not applicable" in second[7]
+    assert second[5] == value(fd["value"], fd["ci95"], digits=2) and second[6] == "0.66 [0.60, 0.70]"
+    assert "label AUC 0.71" in table.notes[0] and "FD 0.70" in table.notes[0]

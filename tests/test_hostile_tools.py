@@ -725,10 +725,15 @@ def test_the_token_significance_and_demo_pages_escape_every_field(tmp_path):
              "quality": {}, "detection": {"planted_flagged": {"rate": 0.5, "ci95": [0.2, 0.8], "n": 4}}}
     (tmp_path / "mitigation_guidance").mkdir()
     (tmp_path / "mitigation_guidance" / "summary.json").write_text(json.dumps({"runs": {XSS.format("run"): audit}}))
+    (tmp_path / "cfg_vs_nocfg").mkdir()
+    (tmp_path / "cfg_vs_nocfg" / "quantified.json").write_text(json.dumps({"results": [
+        {"name": XSS.format("cond"), "groups": {XSS.format("group"): 1}, "detection": {"not_applicable": "x"}}]}))
     tables = headline_tables(tmp_path)
+    assert len(tables) == 2
     write_index(tmp_path, [(XSS.format("label"), tmp_path / XSS.format("path"))], tables, XSS.format("intro"))
     _assert_escaped((tmp_path / "index.html").read_text(),
-                    [XSS.format("run"), XSS.format("label"), XSS.format("path"), XSS.format("intro")])
+                    [XSS.format("run"), XSS.format("label"), XSS.format("path"), XSS.format("intro"),
+                     XSS.format("cond"), XSS.format("group")])
 
 
 def test_the_dose_response_page_escapes_every_field():

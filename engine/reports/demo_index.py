@@ -124,6 +124,41 @@ def mitigation_table(title: str, runs: dict) -> HeadlineTable | None:
                          ["Same evaluation-half prompts, seeds and threshold for every run."])
 
 
+def conditioning_table(study: dict) -> HeadlineTable | None:
+    """CFG vs no-CFG: per run and guidance weight, memorization, quality and label conformance on the same
+    prompts and seeds, differences paired against the first (run, w)."""
+    results = study.get("results")
+    if not results:
+        return None
+    rows = []
+    for r in results:
+        truth = r.get("planted_nearest_is_planted") or {}
+        paired = (r.get("paired_vs_reference") or {}).get("planted_nearest_is_planted")
+        copies = (r.get("copy_rate") or {}).get("planted") or {}
+        fd = (r.get("frechet") or {}).get("pixels_8x8") or {}
+        conf = r.get("label_conformance") or {}
+        det = r.get("detection") or {}
+        rows.append([r["name"], rate(truth.get("mean"), truth.get("ci95"), truth.get("n_prompts"), digits=1),
+                     rate(truth.get("null_rate"), digits=2),
+                     value(paired["difference"], paired["ci95"]) if paired else "–",
+                     rate(copies.get("mean"), copies.get("ci95"), copies.get("n_prompts")),
+                     value(fd.get("value"), fd.get("ci95"), digits=2), value(conf.get("value"), conf.get("ci95"), digits=2),
+                     "not applicable (no null condition)" if "not_applicable" in det
+                     else value(det.get("auc"), det.get("ci95"), det.get("n_positive"))])
+    first = results[0]
+    floor = ((first.get("frechet") or {}).get("pixels_8x8") or {}).get("real_train_vs_heldout")
+    real_conf = (first.get("label_conformance") or {}).get("real_heldout") or {}
+    real_conf = real_conf.get("macro_auc") if isinstance(real_conf, dict) else real_conf
+    groups = ", ".join(f"{n} {k}" for k, n in (first.get("groups") or {}).items())
+    return HeadlineTable(
+        "5. CFG vs no-CFG (same prompts and seeds; differences paired against the first row)",
+        ["run, weight", "planted: nearest is planted [95%] n", "null", "Δ vs first, paired [95%]",
+         "planted: copy rate (Dar) [95%] n", "FD 8x8 px [95%]", "label AUC [95%]", "Wen AUC planted vs controls [95%] n+"],
+        rows, [f"Prompts: {groups}; {study.get('options', {}).get('generations', '?')} generations each. "
+               f"Real training vs held-out images: FD {value(floor, digits=2)}, label AUC {value(real_conf, digits=2)}. "
+               f"Every number and its interval: cfg_vs_nocfg/index.html."])
+
+
 def headline_tables(out_dir: Path) -> list[HeadlineTable]:
     """Every headline table the demo's outputs under `out_dir` support, in the study's order."""
     out_dir = Path(out_dir)
@@ -134,6 +169,7 @@ def headline_tables(out_dir: Path) -> list[HeadlineTable]:
                           ("4b. Mitigation: Wen's prompt-embedding optimisation (paired against the baseline)",
                            "mitigation")):
         found.append(mitigation_table(title, _read_json(out_dir / folder / "summary.json").get("runs", {})))
+    found.append(conditioning_table(_read_json(out_dir / "cfg_vs_nocfg" / "quantified.json")))
     return [t for t in found if t is not None]
 
 
