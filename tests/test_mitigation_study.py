@@ -97,3 +97,21 @@ def test_study_end_to_end_and_resumable(config, tmp_path):
     doc2 = json.loads((out / "mitigation_study.json").read_text())
     assert [r["planted_nearest_is_planted"]["mean"] for r in doc2["results"]] == \
         [r["planted_nearest_is_planted"]["mean"] for r in doc["results"]]
+
+
+def test_runs_of_one_data_config_have_the_same_splits_though_each_writes_its_own_near_copies(tmp_path):
+    """Each run writes its planted near copies under <run>/planted_images/, so the paths differ between the
+    study's runs of one data config; those compare equal, any other difference is still refused."""
+    from engine.mitigation.training_study import _same_splits
+
+    def run(name: str, prompt: str = "edema | plant000") -> str:
+        d = tmp_path / name
+        d.mkdir()
+        records = [{"image_path": "/data/train/patient1/study1/view1_frontal.jpg", "prompt": "edema"},
+                   {"image_path": str(d / "planted_images" / "plant000_c000.png"), "prompt": prompt}]
+        (d / "splits.json").write_text(json.dumps({"data": {}, "splits": {"train": records, "val": []}}))
+        return str(d)
+
+    _same_splits({"baseline": run("baseline"), "augmentation": run("augmentation")})
+    with pytest.raises(ValueError, match="other.*differs from baseline"):
+        _same_splits({"baseline": str(tmp_path / "baseline"), "other": run("other", "edema | plant001")})

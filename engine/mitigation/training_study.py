@@ -110,12 +110,24 @@ def train_variant(config: str, overrides: list[str], log) -> dict:
     return info
 
 
+def run_relative_splits(run_dir: str) -> dict:
+    """The run's splits with the paths of files it wrote itself (the near copies of planted duplicates, under
+    <run>/planted_images/) made relative to the run: two runs of one data config then compare equal."""
+    data = read_splits(run_dir)
+    own = os.path.dirname(os.path.abspath(data["path"])) + os.sep
+
+    def record(r: dict) -> dict:
+        path = r.get("image_path", "")
+        return {**r, "image_path": "<run>/" + path[len(own):]} if path.startswith(own) else r
+    return {name: [record(r) for r in records] for name, records in data["splits"].items()}
+
+
 def _same_splits(runs: dict[str, str]) -> None:
     """Every variant must have been trained on the same records (same data config, splits, seeds)."""
     first_name, first = next(iter(runs.items()))
-    ref = read_splits(first)["splits"]
+    ref = run_relative_splits(first)
     for name, run in runs.items():
-        if read_splits(run)["splits"] != ref:
+        if run_relative_splits(run) != ref:
             raise ValueError(f"{run}: its splits.json differs from {first_name}'s ({first}): the study needs the "
                              f"same data config for every variant")
 
