@@ -1,0 +1,28 @@
+"""data_pipeline.images owns image scaling: uint8 [0, 255] <-> model range [-1, 1], checked against the
+formula x / 127.5 - 1, for read-only arrays too (memory-mapped caches) without a warning."""
+import warnings
+
+import numpy as np
+import torch
+
+from data_pipeline.images import to_model_range, to_uint8
+
+
+def test_uint8_to_model_range_is_the_formula_for_writable_read_only_and_tensor_input():
+    a = np.arange(256, dtype=np.uint8).reshape(2, 8, 16)
+    expected = torch.from_numpy(a.astype(np.float64) / 127.5 - 1.0).float()
+    frozen = a.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")         # torch warns when it wraps non-writable numpy memory
+        outs = [to_model_range(a), to_model_range(frozen), to_model_range(torch.from_numpy(a))]
+    for x in outs:
+        assert x.shape == (2, 1, 8, 16) and x.dtype == torch.float32
+        assert torch.allclose(x[:, 0], expected, atol=1e-6, rtol=0)
+    assert to_model_range(a, channel_dim=False).shape == (2, 8, 16)
+    assert x[0, 0, 0, 0] == -1.0 and x[1, 0, -1, -1] == 1.0
+
+
+def test_uint8_round_trip_is_exact():
+    a = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    assert np.array_equal(to_uint8(to_model_range(a)), a)
