@@ -15,6 +15,14 @@ from PIL import Image
 from .atomic_files import atomic_path
 
 
+def image_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An image batch as a tensor, sharing memory where torch can: a read-only array (a memory-mapped cache)
+    is copied, because torch cannot wrap non-writable memory (it warns and the tensor would be unsafe)."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = np.array(images)
+    return torch.as_tensor(images)
+
+
 def to_model_range(images_u8: np.ndarray | torch.Tensor, channel_dim: bool = True) -> torch.Tensor:
     """uint8 [..., S, S] -> float32 [..., 1, S, S] in [-1, 1] (no channel axis added with channel_dim=False)."""
     # numpy input converts to a new float32 array first: a read-only array (a memory-mapped cache) is

@@ -26,3 +26,16 @@ def test_uint8_to_model_range_is_the_formula_for_writable_read_only_and_tensor_i
 def test_uint8_round_trip_is_exact():
     a = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
     assert np.array_equal(to_uint8(to_model_range(a)), a)
+
+
+def test_read_only_batches_become_tensors_without_a_warning():
+    from engine.audit.clip_embedding import ClipEmbedder, ClipSpec
+    from engine.audit.copy_detection import CopyDetectorConfig, prepare_input
+    a = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    a.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = prepare_input(a, CopyDetectorConfig(backbone="tiny"), "cpu")
+        e = ClipEmbedder(ClipSpec("memdiff-tiny")).embed(a, batch_size=2)
+    lo = x.amin(dim=(1, 2, 3))
+    assert x.shape == (3, 1, 32, 32) and torch.allclose(lo, torch.zeros(3)) and e.shape[0] == 3

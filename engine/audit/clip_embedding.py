@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.images import image_tensor
 from engine.model.network_files import file_sha1
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,8 @@ class ClipEmbedder:
 
     @torch.no_grad()
     def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 64) -> np.ndarray:
-        images = torch.as_tensor(images)
         out = []
-        for i in range(0, len(images), batch_size):
-            e = self.model.encode_image(self._prepare(images[i:i + batch_size])).float()
+        for i in range(0, len(images), batch_size):   # batch by batch: a memory-mapped set is not read whole
+            e = self.model.encode_image(self._prepare(image_tensor(images[i:i + batch_size]))).float()
             out.append(F.normalize(e, dim=-1).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data_pipeline.images import to_model_range
+from data_pipeline.images import image_tensor, to_model_range
 from engine.audit.nearest_neighbors import topk_neighbors
 from engine.audit.similarity import pearson_normalize
 from engine.model.network_files import (
@@ -190,7 +190,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
 def prepare_input(images: np.ndarray | torch.Tensor, cfg: CopyDetectorConfig, device) -> torch.Tensor:
     """uint8 [N, S, S] or [-1, 1] [N, 1, S, S] -> network input [N, 1, S, S]: each image rescaled to
     [0, 1] by its own min and max (Dar et al.), then standardised for ImageNet weights if asked."""
-    x = torch.as_tensor(images)
+    x = image_tensor(images)
     x = to_model_range(x, channel_dim=x.dim() == 3) if x.dtype == torch.uint8 else \
         (x.unsqueeze(1) if x.dim() == 3 else x).float()
     lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)

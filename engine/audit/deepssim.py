@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data_pipeline.augment import rotate
-from data_pipeline.images import to_model_range
+from data_pipeline.images import image_tensor, to_model_range
 from engine.audit.copy_detection import BACKBONES, build_embedder, load_backbone_weights
 from engine.audit.similarity import ssim_paired
 from engine.model.network_files import load_network, save_network, state_dict_sha1
@@ -120,7 +120,7 @@ def pair_loss(model: nn.Module, a: torch.Tensor, b: torch.Tensor, target: torch.
 
 
 def _as_model_input(images: np.ndarray | torch.Tensor, device) -> torch.Tensor:
-    x = torch.as_tensor(images)
+    x = image_tensor(images)
     if x.dtype == torch.uint8:
         return to_model_range(x, channel_dim=x.dim() == 3).to(device)
     return (x.unsqueeze(1) if x.dim() == 3 else x).float().to(device)
