@@ -115,3 +115,18 @@ def test_runs_of_one_data_config_have_the_same_splits_though_each_writes_its_own
     _same_splits({"baseline": run("baseline"), "augmentation": run("augmentation")})
     with pytest.raises(ValueError, match="other.*differs from baseline"):
         _same_splits({"baseline": str(tmp_path / "baseline"), "other": run("other", "edema | plant001")})
+
+
+def test_training_time_sums_the_step_windows_and_skips_the_pause_of_a_resumed_run():
+    """A run trained 4 windows of 25 steps (10 s each), paused for two hours and resumed: 40 s of training,
+    not two hours. Rows of older logs without window_s give their time back from images_per_s."""
+    from engine.mitigation.training_study import logged_training_seconds
+    t0, batch = 1_000_000.0, 32
+    rows = [{"step": 25 * (i + 1), "images_per_s": 25 * batch / 10.0, "window_s": 10.0,
+             "time_s": t0 + 10 * (i + 1) + (7200 if i >= 2 else 0)} for i in range(4)]
+    assert logged_training_seconds(rows, batch) == pytest.approx(40.0)
+    old = [{k: v for k, v in r.items() if k != "window_s"} for r in rows]
+    assert logged_training_seconds(old, batch) == pytest.approx(40.0)
+    old[0]["images_per_s"] = 25 * batch / 5.0        # a faster first window: 5 s
+    assert logged_training_seconds(old + [{"step": 100, "sample": "x.png"}], batch) == pytest.approx(35.0)
+    assert logged_training_seconds([{"step": 1, "loss": 0.1}], batch) is None

@@ -93,6 +93,21 @@ def variant_overrides(spec: MitigationStudySpec, tau: float | None) -> dict[str,
     return out
 
 
+def logged_training_seconds(metrics: list[dict], global_batch: int) -> float | None:
+    """Wall time of the optimizer steps: the sum of the logged windows' own durations. The first-to-last
+    timestamp would count the pauses of a resumed run (hours between two sessions) as training. Rows
+    without `window_s` (logs of older runs) give it back from their rate: the trainer logs
+    images_per_s = steps x global batch / seconds of the window."""
+    total, previous, found = 0.0, 0, False
+    for m in metrics:
+        if "step" not in m or not ("window_s" in m or m.get("images_per_s")):
+            continue
+        steps, previous = m["step"] - previous, m["step"]
+        total += m["window_s"] if "window_s" in m else steps * global_batch / m["images_per_s"]
+        found = True
+    return total if found else None
+
+
 def train_variant(config: str, overrides: list[str], log) -> dict:
     """Train (or finish, or skip when finished) one variant in this process; its wall time and privacy."""
     from engine.training.trainer import train
@@ -101,10 +116,10 @@ def train_variant(config: str, overrides: list[str], log) -> dict:
     summary = train(cfg, resume=True)
     run_dir = cfg.output_dir
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
-    stamps = [m["time_s"] for m in metrics if "time_s" in m]
     privacy_path = os.path.join(run_dir, "privacy.json")
     info = {"run": run_dir, "steps": cfg.training.steps, "seconds_this_call": time.time() - start,
-            "training_seconds_logged": (stamps[-1] - stamps[0]) if len(stamps) > 1 else None,
+            "training_seconds_logged": logged_training_seconds(
+                metrics, cfg.deepspeed.train_micro_batch_size_per_gpu * cfg.deepspeed.gradient_accumulation_steps),
             "privacy": json.load(open(privacy_path)) if os.path.isfile(privacy_path) else summary.get("privacy")}
     log(f"trained {run_dir} ({info['steps']} steps)")
     return info

@@ -355,6 +355,7 @@ class TrainLoop:
                                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                                "images_per_s": images_per_s, "images_per_s_per_rank": images_per_s / self.world,
                                "epoch": step * global_batch / len(self.train_split), "time_s": time.time(),
+                               "window_s": elapsed,
                                **self.step_type.log_fields()})
         self.logger.advance(0, loss=mean_loss, img_s=images_per_s)
         self._check_divergence(step, mean_loss, bool(stats[3] > 0))
