@@ -31,7 +31,8 @@ setup(
         "nvidia-dali-cuda130",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        # diffusers: tests/test_ddim_diffusers.py checks memdiff's DDIM step by step against DDIMScheduler
+        "dev": ["pytest", "pytest-benchmark", "diffusers>=0.42"],
         # bench/peers.py: what users would pick instead (Opacus is already a main dependency)
         "bench": ["diffusers>=0.42"],
         "xformers": ["xformers==0.0.35"],
