@@ -25,10 +25,7 @@ def image_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def to_model_range(images_u8: np.ndarray | torch.Tensor, channel_dim: bool = True) -> torch.Tensor:
     """uint8 [..., S, S] -> float32 [..., 1, S, S] in [-1, 1] (no channel axis added with channel_dim=False)."""
-    # numpy input converts to a new float32 array first: a read-only array (a memory-mapped cache) is
-    # then never wrapped by torch, which warns about non-writable memory
-    x = torch.from_numpy(np.asarray(images_u8, np.float32)) if isinstance(images_u8, np.ndarray) else images_u8
-    x = x.to(torch.float32) / 127.5 - 1.0
+    x = image_tensor(images_u8).to(torch.float32) / 127.5 - 1.0
     return x.unsqueeze(-3) if channel_dim else x
 
 

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import torch
 
-from data_pipeline.images import to_model_range, to_uint8
+from data_pipeline.images import image_tensor, to_model_range, to_uint8
 
 
 def test_uint8_to_model_range_is_the_formula_for_writable_read_only_and_tensor_input():
@@ -16,6 +16,11 @@ def test_uint8_to_model_range_is_the_formula_for_writable_read_only_and_tensor_i
     with warnings.catch_warnings():
         warnings.simplefilter("error")         # torch warns when it wraps non-writable numpy memory
         outs = [to_model_range(a), to_model_range(frozen), to_model_range(torch.from_numpy(a))]
+    # the read-only array is copied, not wrapped: writing to its tensor leaves the array as it was (the
+    # warning above is printed once per process, so this is the check that holds in a full test run)
+    t = image_tensor(frozen)
+    t[0, 0, 0] = 7
+    assert frozen[0, 0, 0] == 0 and t[0, 0, 0] == 7
     for x in outs:
         assert x.shape == (2, 1, 8, 16) and x.dtype == torch.float32
         assert torch.allclose(x[:, 0], expected, atol=1e-6, rtol=0)

@@ -102,7 +102,7 @@ def test_study_end_to_end_and_resumable(config, tmp_path):
 def test_runs_of_one_data_config_have_the_same_splits_though_each_writes_its_own_near_copies(tmp_path):
     """Each run writes its planted near copies under <run>/planted_images/, so the paths differ between the
     study's runs of one data config; those compare equal, any other difference is still refused."""
-    from engine.mitigation.training_study import _same_splits
+    from engine.mitigation.training_study import require_same_splits
 
     def run(name: str, prompt: str = "edema | plant000") -> str:
         d = tmp_path / name
@@ -112,9 +112,10 @@ def test_runs_of_one_data_config_have_the_same_splits_though_each_writes_its_own
         (d / "splits.json").write_text(json.dumps({"data": {}, "splits": {"train": records, "val": []}}))
         return str(d)
 
-    _same_splits({"baseline": run("baseline"), "augmentation": run("augmentation")})
-    with pytest.raises(ValueError, match="other.*differs from baseline"):
-        _same_splits({"baseline": str(tmp_path / "baseline"), "other": run("other", "edema | plant001")})
+    baseline = run("baseline")
+    require_same_splits(run("augmentation"), baseline)
+    with pytest.raises(ValueError, match="other.*differs from the baseline's"):
+        require_same_splits(run("other", "edema | plant001"), baseline)
 
 
 def test_training_time_sums_the_step_windows_and_skips_the_pause_of_a_resumed_run():

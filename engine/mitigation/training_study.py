@@ -137,14 +137,12 @@ def run_relative_splits(run_dir: str) -> dict:
     return {name: [record(r) for r in records] for name, records in data["splits"].items()}
 
 
-def _same_splits(runs: dict[str, str]) -> None:
-    """Every variant must have been trained on the same records (same data config, splits, seeds)."""
-    first_name, first = next(iter(runs.items()))
-    ref = run_relative_splits(first)
-    for name, run in runs.items():
-        if run_relative_splits(run) != ref:
-            raise ValueError(f"{run}: its splits.json differs from {first_name}'s ({first}): the study needs the "
-                             f"same data config for every variant")
+def require_same_splits(run: str, baseline: str) -> None:
+    """A variant must be trained on the baseline's records (same data config, splits, seeds); checked as
+    soon as the variant's run exists, so a mismatch does not wait for every other variant's training."""
+    if run_relative_splits(run) != run_relative_splits(baseline):
+        raise ValueError(f"{run}: its splits.json differs from the baseline's ({baseline}): the study needs the "
+                         f"same data config for every variant")
 
 
 def _audit_networks(spec: MitigationStudySpec, baseline: str, log):
@@ -215,8 +213,8 @@ def run_study(spec: MitigationStudySpec, log=print) -> dict:
     for name, overrides in variants.items():
         if name not in trained:
             trained[name] = train_variant(spec.config, overrides, log)
+            require_same_splits(trained[name]["run"], baseline)
     runs = {name: info["run"] for name, info in trained.items()}
-    _same_splits(runs)
     detector, classifier = _audit_networks(spec, baseline, log)
     prompts, groups = study_prompts(split_prompts(baseline, "train"), read_manifest(baseline), spec.audit)
     conditions = []

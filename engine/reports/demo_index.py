@@ -147,8 +147,7 @@ def conditioning_table(study: dict) -> HeadlineTable | None:
                      else value(det.get("auc"), det.get("ci95"), det.get("n_positive"))])
     first = results[0]
     floor = ((first.get("frechet") or {}).get("pixels_8x8") or {}).get("real_train_vs_heldout")
-    real_conf = (first.get("label_conformance") or {}).get("real_heldout") or {}
-    real_conf = real_conf.get("macro_auc") if isinstance(real_conf, dict) else real_conf
+    real_conf = ((first.get("label_conformance") or {}).get("real_heldout") or {}).get("macro_auc")
     groups = ", ".join(f"{n} {k}" for k, n in (first.get("groups") or {}).items())
     return HeadlineTable(
         "5. CFG vs no-CFG (same prompts and seeds; differences paired against the first row)",
