@@ -296,6 +296,24 @@ def test_number_lists_are_checked_item_by_item(tmp_path, capsys):
     assert_untouched(out)
 
 
+def test_study_refuses_a_wrong_real_data_root_before_it_writes(tmp_path, capsys):
+    """A real-data config whose root holds no such dataset is one line before the study makes its runs/
+    folder or starts the trainer (which would import DeepSpeed and set up a process group first)."""
+    out = user_folder(tmp_path)
+    empty = tmp_path / "not_nih"
+    empty.mkdir()
+    config = REPO / "configs" / "demo_cpu.json"
+    status, err = in_process(capsys, "study_mitigations", "--config", str(config), "--out", str(out),
+                             "--set", "data.format=nih", "--set", f"data.root={empty}")
+    assert (status, err) == (2, [f"error: {empty}: neither an NIH table (Data_Entry_2017.csv / "
+                                 f"Data_Entry_2017_v2020.csv) nor a CheXpert train.csv found"])
+    assert_untouched(out)
+    status, err = in_process(capsys, "study_mitigations", "--config", str(config), "--out", str(out),
+                             "--set", "data.format=chexpert", "--set", f"data.root={tmp_path / 'missing'}")
+    assert (status, err) == (2, [f"error: {tmp_path / 'missing'}: not a folder"])
+    assert_untouched(out)
+
+
 def test_guidance_is_checked_by_the_detector_settings_too():
     from engine.audit.wen_detector import DetectorSettings
     for bad in (math.nan, math.inf, -5.0):

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from data_pipeline.atomic_files import write_json
+from data_pipeline.dataset_stats import check_dataset_root
 from engine.audit.conditioning_study import (
     Condition,
     Reference,
@@ -201,10 +202,13 @@ def run_study(spec: MitigationStudySpec, log=print) -> dict:
     first = variant_overrides(spec, None)          # unknown variants fail here, before any training,
     for overrides in first.values():                # and a bad config, --set or --dp-set key (an hour of
         load_config(spec.config, overrides)         # baseline training must not end in a typo)
-    if load_config(spec.config, first["baseline"]).conditioning.p_uncond == 0:
+    base_cfg = load_config(spec.config, first["baseline"])
+    if base_cfg.conditioning.p_uncond == 0:
         raise ValueError(f"{spec.config}: conditioning.p_uncond: the study generates with guidance and scores with "
                          f"Wen's ||eps_c - eps_u||, which need a trained null condition; got 0 (train the baseline "
                          f"with p_uncond > 0)")
+    if base_cfg.data.format != "synthetic":     # a synthetic root is generated when absent; a real one must exist
+        check_dataset_root(base_cfg.data.root, base_cfg.data.format)   # now, not after the trainer's start-up
     os.makedirs(spec.out_dir, exist_ok=True)
     trained = {"baseline": train_variant(spec.config, first["baseline"], log)}
     baseline = trained["baseline"]["run"]
