@@ -351,6 +351,11 @@ def test_exposure_aggregates_reproduced_training_images_per_image_and_patient(tm
     assert pq.read_table(tmp_path / "exposure.parquet").to_pylist() == table.to_pylist()
     page = exposure_section_html(rows, {"threshold": 0.8, "n_flagged_prompts": 3, "generations": 2})
     assert "prompt &lt;c&gt;" in page and "<c>" not in page
+    # a scan without a threshold flags nothing: the page must say its prompts are the top-scoring ones
+    page = exposure_section_html(rows, {"threshold": 0.8, "n_flagged_prompts": 3, "generations": 2, "prompts_used":
+                                        "the 3 top-scoring prompts (the scan has no threshold, so none is flagged)"})
+    assert "Prompts: the 3 top-scoring prompts (the scan has no threshold, so none is flagged); 2 generations" in page
+    assert "flagged prompts," not in page
     # Dar's rule in pixel space: the 95th percentile of the training images' best correlation to held-out ones
     held = rng.integers(0, 256, (4, 12, 12), dtype=np.uint8)
     best = [max(np.corrcoef(t.ravel().astype(float), h.ravel().astype(float))[0, 1] for h in held) for t in train_u8]

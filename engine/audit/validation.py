@@ -334,7 +334,7 @@ def exposure_of_scan(loaded, table: pa.Table, train: TrainingImages, heldout_u8:
     """The training images reproduced by the scan's flagged prompts (or, when the scan has no threshold,
     by its top-k prompts, said so), with the pixel-space copy threshold calibrated on held-out images."""
     flagged = [i for i, f in enumerate(table.column("flagged").to_pylist()) if f]
-    chosen, which = flagged, "flagged by the scan's threshold"
+    chosen, which = flagged, f"the {len(flagged)} prompts flagged by the scan's threshold"
     if not flagged:
         chosen = select_prompts(table, opts)["top"]
         which = f"the {len(chosen)} top-scoring prompts (the scan has no threshold, so none is flagged)"

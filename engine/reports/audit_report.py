@@ -159,7 +159,8 @@ def render_html(result: ValidationResult, title: str = "memdiff memorization rep
     if n.get("planted"):
         pl = n["planted"]
         frac = pl["nearest_is_planted_fraction"]
-        out.append(f"<p>Planted prompts: {pl['n_planted_prompts']}; generations whose nearest training image "
+        out.append(f"<p>Planted prompts among the {len(n['prompts'])} of the weighted selection shown below: "
+                   f"{pl['n_planted_prompts']}; their generations whose nearest training image "
                    f"(pixel correlation) is the planted image: "
                    f"{'n/a' if frac is None else f'{100 * frac:.1f}%'}.</p>")
     if n.get("dar"):
