@@ -121,11 +121,23 @@ def guidance_plot_html(audits: list[dict]) -> str:
     """Memorization score, copy rate and Fréchet distance against w (three panels) of a guidance sweep."""
     plt = pyplot()
     w = [a["guidance"] for a in audits]
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig.subplots_adjust(wspace=0.42)
     _scores_against_guidance(ax[0], w, audits)
     _copying_against_guidance(ax[1], w, audits)
     _quality_against_guidance(ax[2], w, audits)
     return figure_img(fig)
+
+
+def _legend_below(*axes) -> None:
+    """One legend for a panel (and its twin axis) under it: inside, it hid the lines it labels."""
+    handles, labels = [], []
+    for a in axes:
+        h, lab = a.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    if handles:
+        axes[0].legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                       frameon=False)
 
 
 def _scores_against_guidance(ax, w: list[float], audits: list[dict]) -> None:
@@ -135,7 +147,7 @@ def _scores_against_guidance(ax, w: list[float], audits: list[dict]) -> None:
         if all(y is not None for y in ys):
             ax.plot(w, ys, "o-", label=label)
     ax.set(xlabel="guidance w", ylabel="memorization score (rms)")
-    ax.legend(fontsize=7)
+    _legend_below(ax)
 
 
 def _copying_against_guidance(ax, w: list[float], audits: list[dict]) -> None:
@@ -152,25 +164,26 @@ def _copying_against_guidance(ax, w: list[float], audits: list[dict]) -> None:
         ax.plot(w, [p["nearest_is_planted_fraction"] for p in pix], "rs-", label="planted: nearest is planted (pixels)")
         if all(p["null_rate"] is not None for p in pix):
             ax.plot(w, [p["null_rate"] for p in pix], "r:", marker=".", label="null: other prompts' generations")
-    ax.set(xlabel="guidance w", ylabel=f"fraction of generations (copy rate: {audits[0]['copying']['space']})")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="guidance w", ylabel=f"fraction of generations\n(copy rate: {audits[0]['copying']['space']})")
+    _legend_below(ax)
 
 
 def _quality_against_guidance(ax, w: list[float], audits: list[dict]) -> None:
     for name in [n for n, v in audits[0]["quality"].items() if "frechet_to_heldout" in v]:
-        ax.plot(w, [a["quality"][name]["frechet_to_heldout"] for a in audits], "o-", label=name)
-        ax.axhline(audits[0]["quality"][name]["real_train_vs_heldout"], ls=":", lw=0.8)
-    ax.set(xlabel="guidance w", ylabel="Fréchet distance to held-out (dotted: real floor)", yscale="log")
-    ax.legend(fontsize=7, loc="upper left")
+        line, = ax.plot(w, [a["quality"][name]["frechet_to_heldout"] for a in audits], "o-", label=name)
+        ax.axhline(audits[0]["quality"][name]["real_train_vs_heldout"], ls=":", lw=0.8, color=line.get_color())
+    ax.set(xlabel="guidance w", ylabel="Fréchet distance to held-out\n(dotted: real floor)", yscale="log")
     conf = [a["quality"].get("label_conformance") for a in audits]
-    if all(conf):   # prompt adherence: what lowering w costs
-        twin = ax.twinx()
-        twin.plot(w, [c["generated"]["macro_auc"] for c in conf], "k^-", label="label conformance (AUC)")
-        real_auc = (conf[0].get("real_heldout") or {}).get("macro_auc")
-        if real_auc is not None:
-            twin.axhline(real_auc, color="k", ls="--", lw=0.8, label="same, real held-out")
-        twin.set_ylabel("label conformance, macro AUC")
-        twin.legend(fontsize=7, loc="lower right")
+    if not all(conf):
+        _legend_below(ax)
+        return
+    twin = ax.twinx()   # prompt adherence: what lowering w costs
+    twin.plot(w, [c["generated"]["macro_auc"] for c in conf], "k^-", label="label conformance (AUC)")
+    real_auc = (conf[0].get("real_heldout") or {}).get("macro_auc")
+    if real_auc is not None:
+        twin.axhline(real_auc, color="k", ls="--", lw=0.8, label="same, real held-out")
+    twin.set_ylabel("label conformance, macro AUC")
+    _legend_below(ax, twin)
 
 
 def side_by_side_grid(names: list[str], gens: list[Generations], real: RealImages, audits: list[dict],
