@@ -362,6 +362,35 @@ def test_exposure_aggregates_reproduced_training_images_per_image_and_patient(tm
     assert pixel_copy_threshold(train_u8, held) == pytest.approx(np.percentile(best, 95), abs=1e-5)
 
 
+def test_exposure_counts_the_flagged_set_whose_precision_the_report_states():
+    """A scan without a threshold flags nothing: the exposure table then takes the evaluation half's
+    prompts above the calibration half's threshold, the same prompts (and as many) as flagged_precision
+    counts; with neither, the top-scoring prompts, each said so."""
+    import pyarrow as pa
+
+    from engine.audit.planted_truth import prompt_splits
+    from engine.audit.score_vs_copies import flagged_precision
+    from engine.audit.validation import ValidationOptions, exposure_prompts
+    rng = np.random.default_rng(3)
+    prompts = [f"frontal PA chest x-ray, male, {10 * (i % 9 + 1)}s, case {i}" for i in range(120)]
+    score = rng.gamma(2.0, 0.01, size=120)
+    table = pa.table({"prompt": prompts, "score": score, "flagged": [False] * 120})
+    opts = ValidationOptions(top_k=5)
+    copies = rng.random((120, 4)) < 0.2
+    calibrated = flagged_precision(score, copies.astype(float), prompts, ["ordinary"] * 120, None)
+    chosen, which = exposure_prompts(table, opts, calibrated, None)
+    halves = prompt_splits(prompts, None)
+    by_hand = [i for i in range(120) if halves[i] == "evaluation" and score[i] > calibrated["threshold"]]
+    assert chosen == by_hand and len(chosen) == calibrated["precision"]["n"] > 0
+    assert which.startswith(f"the {len(by_hand)} evaluation-half prompts above the calibration half's threshold")
+    top, which = exposure_prompts(table, opts, {"note": "no calibration-half negatives: no threshold"}, None)
+    assert top == sorted(range(120), key=lambda i: -score[i])[:5]
+    assert which == "the 5 top-scoring prompts (the scan has no threshold, so none is flagged)"
+    flagged = table.set_column(2, "flagged", pa.array([i % 7 == 0 for i in range(120)]))
+    assert exposure_prompts(flagged, opts, calibrated, None) == (
+        list(range(0, 120, 7)), f"the {len(range(0, 120, 7))} prompts flagged by the scan's threshold")
+
+
 def test_fastest_batch_picks_the_measured_peak():
     from engine.audit.batch_size import fastest_batch
     # a simulated clock: a call on b prompts costs 1 ms + 0.25 ms per prompt up to 8, then 2 ms + 2 ms per prompt
