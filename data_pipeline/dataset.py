@@ -19,6 +19,7 @@ from .atomic_files import write_json
 from .cache import MAX_SIZE, MIN_SIZE, load_or_build_cache
 from .chexpert import UNCERTAINTY_POLICIES, read_chexpert
 from .config_schema import REQUIRED, ConfigSection, build, constrained, to_jsonable
+from .dataset_stats import check_dataset_root
 from .nih import read_nih
 from .planted import PlantedConfig, manifest_tokens, plant_duplicates, write_near_copies
 from .prompts import prompt_for
@@ -86,15 +87,25 @@ class PreparedData:
     config: DataConfig
 
 
+def check_data_root(cfg: DataConfig) -> None:
+    """A one-line ValueError unless `cfg.root` can be read as `cfg.format`: a real root must hold its
+    dataset's table; a synthetic root must hold synthetic data or be new or empty (it is generated there).
+    Cheap, so a trainer or study calls it before any long work (a process group, a run folder)."""
+    if cfg.format != "synthetic":
+        check_dataset_root(cfg.root, cfg.format)
+    elif not os.path.isfile(os.path.join(cfg.root, "train.csv")) and os.path.isdir(cfg.root) and os.listdir(cfg.root):
+        # generating would write over whatever is there
+        raise ValueError(f"data.root: {cfg.root} holds files but no train.csv; synthetic data is generated "
+                         f"only into a new or empty folder")
+
+
 def read_records(cfg: DataConfig) -> tuple[list[XrayRecord], list[str]]:
     root = cfg.root
+    check_data_root(cfg)
     if cfg.format == "nih":
         result = read_nih(root)
     else:
         if cfg.format == "synthetic" and not os.path.isfile(os.path.join(root, "train.csv")):
-            if os.path.isdir(root) and os.listdir(root):   # generating would write over whatever is there
-                raise ValueError(f"data.root: {root} holds files but no train.csv; synthetic data is generated "
-                                 f"only into a new or empty folder")
             from .synthetic import make_synthetic_chexpert
             log.info("generating %d synthetic images in %s", cfg.synthetic_images, root)
             make_synthetic_chexpert(root, cfg.synthetic_images, cfg.synthetic_seed, image_size=cfg.synthetic_width)

@@ -349,13 +349,12 @@ def test_exposure_aggregates_reproduced_training_images_per_image_and_patient(tm
     assert rows[0]["max_correlation"] == pytest.approx(1.0, abs=1e-6)
     table = write_exposure(rows, str(tmp_path / "exposure.parquet"), {"threshold": 0.8})
     assert pq.read_table(tmp_path / "exposure.parquet").to_pylist() == table.to_pylist()
-    page = exposure_section_html(rows, {"threshold": 0.8, "n_flagged_prompts": 3, "generations": 2})
-    assert "prompt &lt;c&gt;" in page and "<c>" not in page
     # a scan without a threshold flags nothing: the page must say its prompts are the top-scoring ones
     page = exposure_section_html(rows, {"threshold": 0.8, "n_flagged_prompts": 3, "generations": 2, "prompts_used":
                                         "the 3 top-scoring prompts (the scan has no threshold, so none is flagged)"})
     assert "Prompts: the 3 top-scoring prompts (the scan has no threshold, so none is flagged); 2 generations" in page
     assert "flagged prompts," not in page
+    assert "prompt &lt;c&gt;" in page and "<c>" not in page
     # Dar's rule in pixel space: the 95th percentile of the training images' best correlation to held-out ones
     held = rng.integers(0, 256, (4, 12, 12), dtype=np.uint8)
     best = [max(np.corrcoef(t.ravel().astype(float), h.ravel().astype(float))[0, 1] for h in held) for t in train_u8]
@@ -363,12 +362,14 @@ def test_exposure_aggregates_reproduced_training_images_per_image_and_patient(tm
 
 
 def test_exposure_counts_the_flagged_set_whose_precision_the_report_states():
-    """A scan without a threshold flags nothing: the exposure table then takes the evaluation half's
-    prompts above the calibration half's threshold, the same prompts (and as many) as flagged_precision
-    counts; with neither, the top-scoring prompts, each said so."""
+    """A scan without a threshold flags nothing: the exposure table then takes the prompts that the
+    calibration half's threshold flags in the evaluation half, the very set (and as many) whose precision
+    flagged_precision states, checked against a selection by hand; with neither, the top-scoring prompts,
+    each said so."""
     import pyarrow as pa
 
     from engine.audit.planted_truth import prompt_splits
+    from engine.audit.roc import calibrate_threshold
     from engine.audit.score_vs_copies import flagged_precision
     from engine.audit.validation import ValidationOptions, exposure_prompts
     rng = np.random.default_rng(3)
@@ -378,16 +379,17 @@ def test_exposure_counts_the_flagged_set_whose_precision_the_report_states():
     opts = ValidationOptions(top_k=5)
     copies = rng.random((120, 4)) < 0.2
     calibrated = flagged_precision(score, copies.astype(float), prompts, ["ordinary"] * 120, None)
-    chosen, which = exposure_prompts(table, opts, calibrated, None)
-    halves = prompt_splits(prompts, None)
-    by_hand = [i for i in range(120) if halves[i] == "evaluation" and score[i] > calibrated["threshold"]]
+    chosen, which = exposure_prompts(table, opts, calibrated)
+    halves = np.array(prompt_splits(prompts, None))
+    threshold = calibrate_threshold(score[halves == "calibration"], 0.01)
+    by_hand = [i for i in range(120) if halves[i] == "evaluation" and score[i] > threshold]
     assert chosen == by_hand and len(chosen) == calibrated["precision"]["n"] > 0
     assert which.startswith(f"the {len(by_hand)} evaluation-half prompts above the calibration half's threshold")
-    top, which = exposure_prompts(table, opts, {"note": "no calibration-half negatives: no threshold"}, None)
+    top, which = exposure_prompts(table, opts, {"note": "no calibration-half negatives: no threshold"})
     assert top == sorted(range(120), key=lambda i: -score[i])[:5]
     assert which == "the 5 top-scoring prompts (the scan has no threshold, so none is flagged)"
     flagged = table.set_column(2, "flagged", pa.array([i % 7 == 0 for i in range(120)]))
-    assert exposure_prompts(flagged, opts, calibrated, None) == (
+    assert exposure_prompts(flagged, opts, calibrated) == (
         list(range(0, 120, 7)), f"the {len(range(0, 120, 7))} prompts flagged by the scan's threshold")
 
 

@@ -877,6 +877,7 @@ def test_the_exposure_table_escapes_paths_patients_and_prompts():
     rows = exposed_training_images(prompts, generations, TrainingNeighbours(train, paths), 0.9,
                                    {p: XSS.format("patient") for p in paths})
     assert sorted(r["image_path"] for r in rows) == paths[:2]
-    page = exposure_section_html(rows, {"n_flagged_prompts": 2, "generations": 1, "threshold": 0.9,
+    page = exposure_section_html(rows, {"n_flagged_prompts": 2, "prompts_used": XSS.format("used"),
+                                        "generations": 1, "threshold": 0.9,
                                         "threshold_from": XSS.format("from"), "n_patients": 1})
-    _assert_escaped(page, paths[:2] + prompts + [XSS.format("patient"), XSS.format("from")])
+    _assert_escaped(page, paths[:2] + prompts + [XSS.format("patient"), XSS.format("from"), XSS.format("used")])

@@ -207,6 +207,21 @@ def test_a_folder_that_is_not_a_memdiff_run_is_refused_untouched(tmp_path, data)
     assert (out / "metrics.jsonl").read_text() == '{"step": 99}\n'
 
 
+def test_a_data_root_that_holds_no_such_dataset_is_one_line_before_deepspeed_starts(tmp_path, data):
+    """Checked before the process group (DeepSpeed's start-up lines) and the run folder; the study's
+    variants train through the same loop, so tools/study_mitigations refuses it the same way."""
+    empty, out = tmp_path / "not_nih", tmp_path / "run"
+    empty.mkdir()
+    cfg = write_config(tmp_path / "c.json", {**data, "format": "nih", "root": str(empty)}, output_dir=str(out),
+                       deepspeed=ZERO0)
+    result = train(cfg, check=False)
+    assert result.returncode == 3                     # engine/train.py: bad input found while running
+    assert result.stderr.strip().splitlines() == [
+        f"error: {empty}: neither an NIH table (Data_Entry_2017.csv / Data_Entry_2017_v2020.csv) nor a CheXpert "
+        f"train.csv found"]
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- silent wrong results
 
 def test_a_diverging_run_stops_keeping_the_last_good_checkpoint_and_export(tmp_path, data):

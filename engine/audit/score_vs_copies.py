@@ -52,6 +52,7 @@ def flagged_precision(score: np.ndarray, copies: np.ndarray, prompts: list[str],
     flagged, copying = evaluation & (score > threshold), prompt_copies(copies)
     unflagged = evaluation & ~flagged
     return {"threshold": threshold, "target_fpr": fpr, "n_calibration_negatives": int(calibration.sum()),
+            "flagged_rows": [int(i) for i in np.flatnonzero(flagged)],     # the exposure table's prompts
             "precision": _share(copying[flagged]), "copy_share_unflagged": _share(copying[unflagged]),
             "planted_share_flagged": _share(groups_a[flagged] == "planted"),
             "n_evaluation_prompts": int(evaluation.sum())}

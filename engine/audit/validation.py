@@ -26,7 +26,7 @@ from engine.audit.detectors.nearest_training import TrainingNeighbours
 from engine.audit.exposure import exposed_training_images, patient_ids
 from engine.audit.intervals import detection_summary
 from engine.audit.nearest_neighbors import array_fingerprint, cached_embeddings, topk_neighbors
-from engine.audit.planted_truth import nearest_is_planted, planted_sources, prompt_splits
+from engine.audit.planted_truth import nearest_is_planted, planted_sources
 from engine.audit.roc import roc_curve
 from engine.audit.run_data import TrainingImages, read_manifest, read_splits, split_images
 from engine.audit.scan import model_fingerprint, planted_comparisons, read_scores, scan_metadata, scan_settings
@@ -324,40 +324,34 @@ def validate_checkpoint(checkpoint: str, scores: str, *, copy_detector: str | No
     if heldout is None:
         result.numbers["exposure_skipped"] = f"no held-out images to calibrate the copy threshold on ({no_heldout})"
         return result
-    chosen, which = exposure_prompts(table, opts, (result.numbers.get("score_vs_copies") or {}).get("flagged"),
-                                     read_manifest(checkpoint))
+    chosen = exposure_prompts(table, opts, (result.numbers.get("score_vs_copies") or {}).get("flagged"))
     result.numbers["exposure"] = exposure_of_scan(loaded, table, train, heldout, patient_ids(read_splits(checkpoint)),
-                                                  opts, progress, chosen=(chosen, which))
+                                                  opts, chosen, progress)
     return result
 
 
-def exposure_prompts(table: pa.Table, opts: ValidationOptions, calibrated: dict | None = None,
-                     manifest: dict | None = None) -> tuple[list[int], str]:
+def exposure_prompts(table: pa.Table, opts: ValidationOptions, calibrated: dict | None = None) -> tuple[list[int], str]:
     """The prompts whose generations the exposure table counts, and how they were chosen: the scan's
-    flagged prompts; for a scan without a threshold, the evaluation half's prompts above the calibration
-    half's threshold (`calibrated`: engine.audit.score_vs_copies.flagged_precision), the very set whose
-    precision the report states; else the top-scoring prompts, said so."""
+    flagged prompts; for a scan without a threshold, the prompts that the calibration half's threshold
+    flags in the evaluation half (`calibrated`: engine.audit.score_vs_copies.flagged_precision, the set
+    whose precision the report states); else the top-scoring prompts, said so."""
     flagged = [i for i, f in enumerate(table.column("flagged").to_pylist()) if f]
     if flagged:
         return flagged, f"the {len(flagged)} prompts flagged by the scan's threshold"
-    if calibrated and calibrated.get("threshold") is not None:
-        threshold = calibrated["threshold"]
-        halves = prompt_splits(table.column("prompt").to_pylist(), manifest)
-        above = [i for i, (half, s) in enumerate(zip(halves, table.column("score").to_numpy()))
-                 if half == "evaluation" and s > threshold]
-        if above:
-            return above, (f"the {len(above)} evaluation-half prompts above the calibration half's threshold "
-                           f"{threshold:.4g} (the scan has no threshold of its own)")
+    if (calibrated or {}).get("flagged_rows"):
+        rows = calibrated["flagged_rows"]
+        return rows, (f"the {len(rows)} evaluation-half prompts above the calibration half's threshold "
+                      f"{calibrated['threshold']:.4g} (the scan has no threshold of its own)")
     top = select_prompts(table, opts)["top"]
     return top, f"the {len(top)} top-scoring prompts (the scan has no threshold, so none is flagged)"
 
 
 def exposure_of_scan(loaded, table: pa.Table, train: TrainingImages, heldout_u8: np.ndarray,
-                     patients: dict[str, str], opts: ValidationOptions, progress: bool = True,
-                     chosen: tuple[list[int], str] | None = None) -> dict:
-    """The training images reproduced by the generations of `chosen` prompts (default: exposure_prompts
-    without a calibrated threshold), with the pixel-space copy threshold calibrated on held-out images."""
-    chosen, which = chosen or exposure_prompts(table, opts)
+                     patients: dict[str, str], opts: ValidationOptions, prompts_chosen: tuple[list[int], str],
+                     progress: bool = True) -> dict:
+    """The training images reproduced by the generations of the `chosen` prompts (exposure_prompts), with
+    the pixel-space copy threshold calibrated on held-out images."""
+    chosen, which = prompts_chosen
     threshold = pixel_copy_threshold(train.images, heldout_u8)
     images, _ = regenerate(loaded, table, chosen, opts, progress)
     prompts = [table.column("prompt")[i].as_py() for i in chosen]

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from data_pipeline.atomic_files import write_json
-from data_pipeline.dataset_stats import check_dataset_root
 from engine.audit.conditioning_study import (
     Condition,
     Reference,
@@ -41,6 +40,7 @@ from engine.audit.prompt_lists import PromptList
 from engine.audit.run_data import read_manifest, read_splits, run_real_images, split_images, split_prompts
 from engine.audit.wen_detector import DetectorSettings
 from engine.model.export import load_model
+from engine.reports.loss_curves import read_metrics
 from engine.training.config import load_config
 
 AUGMENTATION = {"rotation_deg": 5.0, "rotation_p": 0.5, "noise_std": 0.02, "noise_p": 0.5, "contrast": 0.1,
@@ -116,7 +116,7 @@ def train_variant(config: str, overrides: list[str], log) -> dict:
     start = time.time()
     summary = train(cfg, resume=True)
     run_dir = cfg.output_dir
-    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    metrics = read_metrics(run_dir)
     privacy_path = os.path.join(run_dir, "privacy.json")
     info = {"run": run_dir, "steps": cfg.training.steps, "seconds_this_call": time.time() - start,
             "training_seconds_logged": logged_training_seconds(
@@ -199,17 +199,13 @@ def _inference_conditions(spec: MitigationStudySpec, baseline_model, prompts: li
 def run_study(spec: MitigationStudySpec, log=print) -> dict:
     """Train every variant (resumable), audit each on the same prompts and seeds, write
     <out>/mitigation_study.json. Returns the study document."""
-    first = variant_overrides(spec, None)          # unknown variants fail here, before any training,
-    for overrides in first.values():                # and a bad config, --set or --dp-set key (an hour of
-        load_config(spec.config, overrides)         # baseline training must not end in a typo)
-    base_cfg = load_config(spec.config, first["baseline"])
-    if base_cfg.conditioning.p_uncond == 0:
+    first = variant_overrides(spec, None)          # unknown variants fail here, before any training, and a bad
+    configs = {name: load_config(spec.config, overrides)   # config, --set or --dp-set key (an hour of baseline
+               for name, overrides in first.items()}       # training must not end in a typo)
+    if configs["baseline"].conditioning.p_uncond == 0:
         raise ValueError(f"{spec.config}: conditioning.p_uncond: the study generates with guidance and scores with "
                          f"Wen's ||eps_c - eps_u||, which need a trained null condition; got 0 (train the baseline "
                          f"with p_uncond > 0)")
-    if base_cfg.data.format != "synthetic":     # a synthetic root is generated when absent; a real one must exist
-        check_dataset_root(base_cfg.data.root, base_cfg.data.format)   # now, not after the trainer's start-up
-    os.makedirs(spec.out_dir, exist_ok=True)
     trained = {"baseline": train_variant(spec.config, first["baseline"], log)}
     baseline = trained["baseline"]["run"]
     screening = _screening_tau(spec, baseline) if spec.screening_quantile and "screening" in spec.variants else None

@@ -9,9 +9,8 @@ MAX_PROMPTS_SHOWN = 5
 
 def exposure_section_html(rows: list[dict], meta: dict, max_rows: int = 200) -> str:
     count = lambda key: html.escape(str(meta.get(key, "?")))   # noqa: E731
-    # which prompts: the scan's flagged ones, or its top-scoring ones when the scan had no threshold
-    used = meta.get("prompts_used") or f"{meta.get('n_flagged_prompts', '?')} flagged prompts"
-    intro = (f"<p>Prompts: {html.escape(str(used))}; {count('generations')} generations "
+    # which prompts (engine.audit.validation.exposure_prompts): the flagged ones, or the top-scoring ones
+    intro = (f"<p>Prompts: {count('prompts_used')}; {count('generations')} generations "
              f"each. A generation reproduces a training image when its nearest training image (pixel Pearson "
              f"correlation) is above the copy threshold {meta.get('threshold', float('nan')):.4f} "
              f"({html.escape(str(meta.get('threshold_from', '')))}). {len(rows)} training images of "

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.atomic_files import write_json
-from data_pipeline.dataset import prepare_dataset
+from data_pipeline.dataset import check_data_root, prepare_dataset
 from data_pipeline.images import to_uint8
 from engine.diffusion.generate import generate
 from engine.diffusion.schedule import NoiseSchedule
@@ -142,6 +142,7 @@ class TrainLoop:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None) -> None:
         self.cfg = cfg
+        check_data_root(cfg.data)          # a wrong folder is one line, before DeepSpeed starts or a run folder exists
         self._setup_distributed()
         check_model_fits(cfg, self.world, self.device)
         tag = self._setup_run_dir(resume)
