@@ -219,6 +219,7 @@ def test_a_data_root_that_holds_no_such_dataset_is_one_line_before_deepspeed_sta
     assert result.stderr.strip().splitlines() == [
         f"error: {empty}: neither an NIH table (Data_Entry_2017.csv / Data_Entry_2017_v2020.csv) nor a CheXpert "
         f"train.csv found"]
+    assert result.stdout.strip() == ""                # nor DeepSpeed's "Setting accelerator to CPU" notice
     assert not out.exists()
 
 

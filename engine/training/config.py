@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -206,8 +207,19 @@ class TrainConfig(ConfigSection):
 
 # ----------------------------------------------------------------------------- checks across sections
 
+def _without_cpu_fallback_notice(record: logging.LogRecord) -> bool:
+    """DeepSpeed logs "Setting accelerator to CPU ..." on every import without a GPU. memdiff picks its device
+    itself (torch.cuda.is_available(), --device), so on a CPU machine the notice only printed itself above
+    every one-line config or data error. A filter on DeepSpeed's named logger, set before DeepSpeed creates it,
+    drops that one message and nothing else."""
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def _check_zero_options(cfg: TrainConfig) -> None:
     options = {"stage": cfg.deepspeed.zero_optimization.stage, **cfg.deepspeed.zero_optimization.options}
+    ds_logger = logging.getLogger("DeepSpeed")
+    if _without_cpu_fallback_notice not in ds_logger.filters:
+        ds_logger.addFilter(_without_cpu_fallback_notice)
     try:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     except ImportError:
